@@ -1,0 +1,421 @@
+"""Shared machinery of every estimator: the contract, per-draw parameters, the site handler.
+
+The contract (optax ``monte_carlo`` style): ``est.estimate(objective, num_draws, seed=...)``
+returns ``dict[param name -> Tensor(num_draws, *param.shape)]``, one independent gradient
+estimate per draw, computed as one batched program. The mean over draws is the estimate; the
+spread is its variance. Analysis code consumes only that shape.
+
+An *objective* (see :mod:`stochgrad.models`) exposes ``params`` (leaf tensors) and
+``model(params)``, a Pyro program whose parameters carry a leading batch dimension of draws,
+whose stochastic neurons are ``pyro.sample`` sites with ``Bernoulli`` distributions (possibly
+wrapped in ``Independent``), and which returns the cost of each draw, shape ``(draws,)``.
+
+How a draw is made: each estimator gives every draw its own copy of the parameters (a leaf of
+shape ``(draws, *param.shape)``), so one backward pass through the summed surrogate yields all
+per-draw gradients at once. Randomness comes only from a ``torch.Generator`` seeded by
+``seed``: one uniform ``u`` per unit (``h = 1[u < sigmoid(a)]``, SPEC notation) and, where an
+estimator needs them, Gaussian or Rademacher perturbations. Same seed, same numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pyro.poutine.messenger import Messenger
+from torch import Tensor
+from torch.distributions import Bernoulli, Distribution, Independent
+
+UNBIASED = ("yes", "no", "asymptotic")
+
+# Elements (draws x evaluations x units) processed at once when no chunk size is given.
+DEFAULT_CHUNK_ELEMENTS = 2**22
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Work per draw: model evaluations (forward passes) and backward passes."""
+
+    evals: float
+    backwards: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness
+# ---------------------------------------------------------------------------------------------
+
+
+class Rng:
+    """A seeded source of uniforms, normals and signs on one device."""
+
+    def __init__(self, seed: int | None, device: torch.device | str = "cpu"):
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        self.seed = seed
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def uniform(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return torch.rand(shape, generator=self.generator, device=self.device, dtype=dtype)
+
+    def normal(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.device, dtype=dtype)
+
+    def rademacher(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        u = torch.randint(0, 2, shape, generator=self.generator, device=self.device)
+        return (2 * u - 1).to(dtype)
+
+
+class Uniforms:
+    """One uniform per unit per evaluation, optionally shared between evaluations.
+
+    The batch of ``outer * draws * inner`` evaluations is laid out as ``(outer, draws, inner)``;
+    with ``shared=True`` the evaluations of one draw (all ``outer`` and ``inner`` positions)
+    see the same uniforms: common random numbers for the neurons' own noise.
+    """
+
+    def __init__(self, rng: Rng, outer: int = 1, inner: int = 1, shared: bool = True):
+        self.rng, self.outer, self.inner, self.shared = rng, outer, inner, shared
+        self.drawn: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        batch, unit = shape[0], tuple(shape[1:])
+        if not self.shared or (self.outer == 1 and self.inner == 1):
+            u = self.rng.uniform(tuple(shape), dtype)
+        else:
+            draws = batch // (self.outer * self.inner)
+            base = self.rng.uniform((draws, *unit), dtype)  # (draws, *units)
+            u = (
+                base.unsqueeze(0)
+                .unsqueeze(2)
+                .expand(self.outer, draws, self.inner, *unit)
+                .reshape(batch, *unit)
+            )
+        self.drawn[name] = u
+        return u
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Site:
+    """What a rule saw and did at one ``pyro.sample`` site (batch-first tensors)."""
+
+    name: str
+    logits: Tensor  # (batch, *units)
+    value: Tensor  # (batch, *units)
+    extra: dict[str, Tensor]
+
+
+def bernoulli_logits(name: str, fn: Distribution, estimator: str) -> Tensor:
+    """The logits of a Bernoulli site, broadcast to the site's full shape.
+
+    Raises ``TypeError`` naming the site and its distribution when it is not Bernoulli
+    (``Independent`` and Pyro's masked/expanded wrappers are looked through), and
+    ``ValueError`` when the logits are not finite.
+    """
+    base: Any = fn
+    while isinstance(base, Independent) or type(base).__name__ in (
+        "MaskedDistribution",
+        "ExpandedDistribution",
+    ):
+        base = base.base_dist
+    if not isinstance(base, Bernoulli):
+        raise TypeError(
+            f"estimator {estimator!r} needs Bernoulli sample sites, but site {name!r} has "
+            f"distribution {type(fn).__name__}"
+            + (f" (of {type(base).__name__})" if base is not fn else "")
+            + "; choose a different estimator for this site or make it Bernoulli"
+        )
+    logits = base.logits.expand(fn.batch_shape + fn.event_shape)
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ValueError(
+            f"site {name!r}: {bad} of {logits.numel()} logits are not finite (nan or inf); "
+            "Bernoulli logits must be finite real numbers"
+        )
+    return logits
+
+
+Rule = Callable[[str, Tensor], "tuple[Tensor, dict[str, Tensor]]"]
+
+
+class SiteMessenger(Messenger):
+    """Replaces the value of each unobserved Bernoulli ``pyro.sample`` site by ``rule``.
+
+    ``rule(name, logits) -> (value, extra)`` computes the unit's output (hard sample, or a
+    surrogate unit) and anything the estimator needs later; each call is recorded in
+    ``self.sites`` in program order.
+    """
+
+    def __init__(self, rule: Rule, estimator: str):
+        super().__init__()
+        self.rule = rule
+        self.estimator = estimator
+        self.sites: dict[str, Site] = {}
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
+            return
+        name = msg["name"]
+        logits = bernoulli_logits(name, msg["fn"], self.estimator)
+        try:
+            value, extra = self.rule(name, logits)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"at site {name!r}: {e}") from e
+        msg["value"] = value
+        self.sites[name] = Site(name, logits, value, extra)
+
+
+def run_model(
+    objective: Any, params: Mapping[str, Tensor], rule: Rule, estimator: str
+) -> tuple[Tensor, dict[str, Site]]:
+    """Run ``objective.model(params)`` with ``rule`` at every Bernoulli site.
+
+    Returns the per-evaluation cost, shape ``(batch,)``, and the recorded sites.
+    """
+    batch = next(iter(params.values())).shape[0]
+    with SiteMessenger(rule, estimator) as handler:
+        cost = objective.model(params)
+    if not isinstance(cost, Tensor) or cost.shape != (batch,):
+        got = tuple(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
+        raise ValueError(
+            f"{type(objective).__name__}.model must return one cost per draw, shape ({batch},); "
+            f"got {got}"
+        )
+    return cost, handler.sites
+
+
+def hard_sample(logits: Tensor, u: Tensor) -> Tensor:
+    """``h = 1[u < sigmoid(a)]`` as a float tensor (P(h=1) = sigmoid(a))."""
+    return (u < torch.sigmoid(logits)).to(logits.dtype)
+
+
+def hard_rule(uniforms: Uniforms) -> Rule:
+    """The plain stochastic binary neuron, no gradient through the sample."""
+
+    def rule(name: str, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        u = uniforms(name, logits.shape, logits.dtype)
+        return hard_sample(logits.detach(), u), {"u": u}
+
+    return rule
+
+
+def site_units(objective: Any) -> dict[str, torch.Size]:
+    """Site name -> unit shape (the value's shape without the draws dimension), in order."""
+    params = {k: v.detach().unsqueeze(0) for k, v in objective.params.items()}
+    rng = Rng(0, _device_of(objective))
+    with torch.no_grad():
+        _, sites = run_model(objective, params, hard_rule(Uniforms(rng)), "probe")
+    return {name: s.value.shape[1:] for name, s in sites.items()}
+
+
+def _device_of(objective: Any) -> torch.device:
+    return next(iter(objective.params.values())).device
+
+
+def per_draw_params(params: Mapping[str, Tensor], draws: int) -> dict[str, Tensor]:
+    """A leaf copy of every parameter for each draw: ``(draws, *param.shape)``."""
+    return {
+        k: v.detach().unsqueeze(0).expand(draws, *v.shape).clone().requires_grad_(True)
+        for k, v in params.items()
+    }
+
+
+def repeat_draws(params: Mapping[str, Tensor], times: int) -> dict[str, Tensor]:
+    """Repeat each draw's parameters ``times`` times in a row: ``(draws * times, ...)``."""
+    if times == 1:
+        return dict(params)
+    return {
+        k: v.unsqueeze(1).expand(v.shape[0], times, *v.shape[1:]).reshape(-1, *v.shape[1:])
+        for k, v in params.items()
+    }
+
+
+def grads_or_zeros(out: Tensor, leaves: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``d out / d leaf`` for each leaf, zeros where ``out`` does not depend on it."""
+    names = list(leaves)
+    if not out.requires_grad:
+        return {k: torch.zeros_like(leaves[k]) for k in names}
+    grads = torch.autograd.grad(out, [leaves[k] for k in names], allow_unused=True)
+    return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, grads)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimator base class
+# ---------------------------------------------------------------------------------------------
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+class Estimator:
+    """Base class: a gradient estimator for objectives with Bernoulli stochastic neurons.
+
+    Subclasses set ``name`` (registry name), ``unbiased`` (``"yes"``, ``"no"`` or
+    ``"asymptotic"`` -- unbiased only as a step size goes to 0), ``description``, and implement
+    :meth:`cost` and :meth:`_draw`. Stateful estimators also override :meth:`warmup`,
+    :meth:`state_dict` and :meth:`load_state_dict`.
+    """
+
+    name: ClassVar[str] = ""
+    unbiased: ClassVar[str] = "no"
+    description: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.unbiased not in UNBIASED:
+            raise ValueError(f"{cls.__name__}.unbiased must be one of {UNBIASED}")
+
+    # -- options ------------------------------------------------------------------------------
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p for p in sig.parameters if p != "self"]
+
+    def options(self) -> dict[str, Any]:
+        """The options this estimator was built with (for tables and ``run.json``)."""
+        return {k: getattr(self, k) for k in self.option_names()}
+
+    def label(self) -> str:
+        """A short readable label: the name and the options that differ from the defaults."""
+        sig = inspect.signature(type(self).__init__)
+        parts = [
+            f"{k}={v}"
+            for k, v in self.options().items()
+            if sig.parameters[k].default is inspect.Parameter.empty
+            or v != sig.parameters[k].default
+        ]
+        return self.name + (f"[{','.join(parts)}]" if parts else "")
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+    # -- what subclasses provide ---------------------------------------------------------------
+
+    def cost(self, objective: Any) -> Cost:
+        """Model evaluations and backward passes per draw on ``objective``."""
+        raise NotImplementedError
+
+    def _draw(self, objective: Any, draws: int, rng: Rng) -> dict[str, Tensor]:
+        """``draws`` independent per-draw estimates, ``(draws, *param.shape)`` per param."""
+        raise NotImplementedError
+
+    def warmup(self, objective: Any, rng: Rng) -> None:
+        """Bring any internal state (baselines) to its working value; stateless: no-op."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.name} has no state; got keys {sorted(state)}")
+
+    # -- the public entry point ----------------------------------------------------------------
+
+    def estimate(
+        self,
+        objective: Any,
+        num_draws: int,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Tensor]:
+        """Independent per-draw gradient estimates of ``E[cost]`` w.r.t. ``objective.params``.
+
+        Returns ``{name: Tensor(num_draws, *param.shape)}`` on the parameters' device and
+        dtype. Draws are computed in batched chunks (``chunk_size`` draws at a time; by default
+        sized to the model); the numbers depend only on ``seed`` and ``chunk_size``.
+        ``progress`` (optional) is called with the number of draws finished after each chunk.
+        """
+        check_positive_int("num_draws", num_draws)
+        params = getattr(objective, "params", None)
+        if not isinstance(params, Mapping) or not params:
+            raise TypeError(
+                f"expected a stochastic objective with a non-empty `params` dict (see "
+                f"stochgrad.models), got {type(objective).__name__}"
+            )
+        rng = Rng(seed, _device_of(objective))
+        if chunk_size is None:
+            chunk_size = self.default_chunk_size(objective)
+        check_positive_int("chunk_size", chunk_size)
+        self.warmup(objective, rng)
+        parts: dict[str, list[Tensor]] = {k: [] for k in params}
+        done = 0
+        while done < num_draws:
+            n = min(chunk_size, num_draws - done)
+            g = self._draw(objective, n, rng)
+            for k in parts:
+                parts[k].append(g[k].detach())
+            done += n
+            if progress is not None:
+                progress(n)
+        return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+
+    def default_chunk_size(self, objective: Any) -> int:
+        units = sum(math.prod(s) for s in site_units(objective).values())
+        numel = sum(v.numel() for v in objective.params.values())
+        per_draw = max(1.0, self.cost(objective).evals) * (units + numel)
+        return max(1, int(DEFAULT_CHUNK_ELEMENTS // per_draw))
+
+
+class SurrogateEstimator(Estimator):
+    """Estimators that run the model once per sample and backpropagate through a surrogate.
+
+    A subclass gives the site rule (what a unit outputs, what gradient it lets through) and,
+    if needed, the surrogate built from the costs and the recorded sites; the per-draw
+    gradient is ``d surrogate / d (per-draw params)``.
+    """
+
+    num_samples: int = 1
+
+    def cost(self, objective: Any) -> Cost:
+        return Cost(evals=float(self.num_samples), backwards=1.0)
+
+    def rule(self, uniforms: Uniforms) -> Rule:
+        raise NotImplementedError
+
+    def surrogate(self, cost: Tensor, sites: dict[str, Site]) -> Tensor:
+        """Scalar whose gradient w.r.t. each draw's parameters is that draw's estimate.
+
+        ``cost`` has shape ``(draws, K)``; the default is the pathwise mean over the K samples.
+        """
+        return cost.mean(1).sum()
+
+    def _draw(self, objective: Any, draws: int, rng: Rng) -> dict[str, Tensor]:
+        leaves = per_draw_params(objective.params, draws)
+        batched = repeat_draws(leaves, self.num_samples)
+        cost, sites = run_model(objective, batched, self.rule(Uniforms(rng)), self.name)
+        surrogate = self.surrogate(cost.view(draws, self.num_samples), sites)
+        return grads_or_zeros(surrogate, leaves)
