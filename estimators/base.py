@@ -227,7 +227,7 @@ def _device_of(objective: Any) -> torch.device:
 def per_draw_params(params: Mapping[str, Tensor], draws: int) -> dict[str, Tensor]:
     """A leaf copy of every parameter for each draw: ``(draws, *param.shape)``."""
     return {
-        k: v.detach().unsqueeze(0).expand(draws, *v.shape).clone().requires_grad_(True)
+        k: v.detach().unsqueeze(0).expand(draws, *v.shape).requires_grad_(True)
         for k, v in params.items()
     }
 

@@ -1,0 +1,220 @@
+"""Throughput of each estimator against a hand-written vectorised torch reference.
+
+The reference for an estimator is the same estimator written directly for the toy objective
+``sum_i (b_i - t)^2`` with plain tensor operations and the derivative worked out by hand --
+no Pyro, no autograd, no per-draw parameter copies. Both sides make the same number of
+independent draws in one run; the table reports draws per second and the ratio
+``time(stochgrad) / time(reference)`` (so 1.0 means parity, 2.0 means twice as slow).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from stochgrad import estimators, models
+
+Reference = Callable[[Tensor, float, int, torch.Generator], Tensor]
+
+
+def _bern(phi: Tensor, u: Tensor) -> Tensor:
+    return (u < torch.sigmoid(phi)).to(u.dtype)
+
+
+def _loss(h: Tensor, t: float) -> Tensor:
+    return ((h - t) ** 2).sum(-1)
+
+
+def ref_score_function(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    p = torch.sigmoid(phi)
+    h = (torch.rand(n, phi.numel(), generator=g) < p).to(phi.dtype)  # (draws, d)
+    return (h - p) * _loss(h, t).unsqueeze(1)
+
+
+def ref_moving_average(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    p = torch.sigmoid(phi)
+    h = (torch.rand(n, phi.numel(), generator=g) < p).to(phi.dtype)
+    cost = _loss(h, t)
+    baseline = 0.5 * phi.numel() * (t**2 + (1 - t) ** 2)  # a fixed earlier value
+    return (h - p) * (cost - baseline).unsqueeze(1)
+
+
+def ref_optimal(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    p = torch.sigmoid(phi)
+    h = (torch.rand(n, phi.numel(), generator=g) < p).to(phi.dtype)
+    cost = _loss(h, t).unsqueeze(1)
+    sq = (h - p) ** 2
+    baseline = torch.full_like(phi, 0.5 * phi.numel() * (t**2 + (1 - t) ** 2))
+    est = (h - p) * (cost - baseline)
+    # the online EMA update the estimator also performs
+    _ = (sq * cost).mean(0) / sq.mean(0)
+    return est
+
+
+def ref_leave_one_out(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    p = torch.sigmoid(phi)
+    h = (torch.rand(n, 2, phi.numel(), generator=g) < p).to(phi.dtype)  # (draws, K, d)
+    cost = _loss(h, t)  # (draws, K)
+    others = cost.flip(1)
+    return ((h - p) * (cost - others).unsqueeze(-1)).mean(1)
+
+
+def ref_straight_through(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    h = _bern(phi, torch.rand(n, phi.numel(), generator=g))
+    return 2 * (h - t)
+
+
+def ref_sts(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    p = torch.sigmoid(phi)
+    s = p.sqrt()
+    b = (torch.rand(n, phi.numel(), generator=g) < s).to(phi.dtype)
+    h = b * s
+    return 2 * (h - t) * b * 0.5 * s * (1 - p)  # d sqrt(p)/dphi = sqrt(p)(1-p)/2
+
+
+def ref_noisy_rectifier(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    u = torch.rand(n, phi.numel(), generator=g)
+    z = math.sqrt(2.0) * torch.erfinv(2 * u - 1)
+    pre = phi + z
+    return 2 * (torch.relu(pre) - t) * (pre > 0).to(phi.dtype)
+
+
+def ref_spsa(phi: Tensor, t: float, n: int, g: torch.Generator, c: float = 0.1) -> Tensor:
+    d = phi.numel()
+    delta = 2.0 * torch.randint(0, 2, (n, d), generator=g).to(phi.dtype) - 1
+    u = torch.rand(n, d, generator=g)
+    plus = _loss(_bern(phi + c * delta, u), t)
+    minus = _loss(_bern(phi - c * delta, u), t)
+    return ((plus - minus) / (2 * c)).unsqueeze(1) * delta
+
+
+def ref_finite_difference(
+    phi: Tensor, t: float, n: int, g: torch.Generator, eps: float = 0.1
+) -> Tensor:
+    d = phi.numel()
+    u = torch.rand(n, 1, 1, d, generator=g)  # shared by the 2d evaluations of a draw
+    steps = eps * torch.eye(d, dtype=phi.dtype)
+    points = phi + torch.tensor([1.0, -1.0]).view(2, 1, 1, 1) * steps  # (2, 1, d, d)
+    cost = _loss(_bern(points.unsqueeze(1), u.unsqueeze(0)).squeeze(2), t)  # (2, n, d)
+    return (cost[0] - cost[1]) / (2 * eps)
+
+
+def ref_node_perturbation(
+    phi: Tensor, t: float, n: int, g: torch.Generator, sigma: float = 0.1
+) -> Tensor:
+    d = phi.numel()
+    u = torch.rand(n, d, generator=g)
+    xi = sigma * torch.randn(n, d, generator=g)
+    c0 = _loss(_bern(phi, u), t)
+    c1 = _loss(_bern(phi + xi, u), t)
+    return ((c1 - c0) / sigma**2).unsqueeze(1) * xi
+
+
+def ref_exact(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    d = phi.numel()
+    bits = ((torch.arange(2**d).unsqueeze(1) >> torch.arange(d)) & 1).to(phi.dtype)
+    p = torch.sigmoid(phi)
+    w = torch.where(bits > 0, p, 1 - p).prod(1)  # (2^d,)
+    cost = _loss(bits, t)
+    grad = (w.unsqueeze(1) * cost.unsqueeze(1) * (bits - p)).sum(0)  # sum_h q(h) L(h) (h-p)
+    return grad.expand(n, d).clone()
+
+
+@dataclass
+class Case:
+    label: str
+    estimator: estimators.Estimator
+    reference: Reference
+    draws: int
+    dim: int
+
+
+def default_cases(draws: int = 100_000, dim: int = 200) -> list[Case]:
+    get = estimators.get
+    return [
+        Case("score_function", get("score_function"), ref_score_function, draws, dim),
+        Case(
+            "score_function[moving_average]",
+            get("score_function", baseline="moving_average"),
+            ref_moving_average,
+            draws,
+            dim,
+        ),
+        Case(
+            "score_function[optimal]",
+            get("score_function", baseline="optimal"),
+            ref_optimal,
+            draws,
+            dim,
+        ),
+        Case(
+            "score_function[leave_one_out,K=2]",
+            get("score_function", baseline="leave_one_out", num_samples=2),
+            ref_leave_one_out,
+            draws,
+            dim,
+        ),
+        Case("straight_through", get("straight_through"), ref_straight_through, draws, dim),
+        Case("sts", get("sts"), ref_sts, draws, dim),
+        Case("noisy_rectifier", get("noisy_rectifier"), ref_noisy_rectifier, draws, dim),
+        Case("spsa", get("spsa"), ref_spsa, draws, dim),
+        Case("node_perturbation", get("node_perturbation"), ref_node_perturbation, draws, dim),
+        Case(
+            "finite_difference",
+            get("finite_difference"),
+            ref_finite_difference,
+            max(1, draws // 100),
+            dim,
+        ),
+        Case("exact (toy dim 12)", get("exact"), ref_exact, draws, 12),
+    ]
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run(cases: list[Case], repeats: int = 3, target: float = 0.45) -> list[dict[str, object]]:
+    """Time every case (best of ``repeats``) and return one row per estimator."""
+    rows = []
+    for case in cases:
+        obj = models.get("toy", dim=case.dim, target=target)
+        phi = obj.params["logits"].detach()
+        est = case.estimator
+        est.estimate(obj, min(case.draws, 1000), seed=0)  # warm-up (and baseline state)
+        gen = torch.Generator().manual_seed(0)
+        ours = _best_time(lambda: est.estimate(obj, case.draws, seed=1), repeats)
+        ref = _best_time(lambda: case.reference(phi, target, case.draws, gen), repeats)
+        rows.append(
+            {
+                "estimator": case.label,
+                "dim": case.dim,
+                "draws": case.draws,
+                "stochgrad_draws_per_s": case.draws / ours,
+                "reference_draws_per_s": case.draws / ref,
+                "ratio": ours / ref,
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    head = f"{'estimator':36} {'dim':>4} {'draws':>8} {'ours draws/s':>14} {'ref draws/s':>14}"
+    lines = [head + f" {'ratio':>6}", "-" * (len(head) + 7)]
+    for r in rows:
+        lines.append(
+            f"{r['estimator']!s:36} {r['dim']:>4} {r['draws']:>8} "
+            f"{r['stochgrad_draws_per_s']:>14,.0f} {r['reference_draws_per_s']:>14,.0f} "
+            f"{r['ratio']:>6.2f}"
+        )
+    return "\n".join(lines)
