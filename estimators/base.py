@@ -164,7 +164,7 @@ class SiteMessenger(Messenger):
         self.estimator = estimator
         self.sites: dict[str, Site] = {}
 
-    def _process_message(self, msg: dict[str, Any]) -> None:
+    def _process_message(self, msg: Any) -> None:
         if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
             return
         name = msg["name"]

@@ -15,6 +15,7 @@ Bias: none, and no variance: every draw returns the same (exact) gradient.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -112,12 +113,18 @@ class Exact(Estimator):
     def default_chunk_size(self, objective: Any) -> int:
         return 2**62  # one chunk: the gradient is computed once
 
-    def estimate(self, objective: Any, num_draws: int, seed: int | None = None, **kw: Any):
-        # Validate the size before anything else so the error is the enumeration limit.
-        n = count_units(objective)
-        if n > self.max_sites:
+    def estimate(
+        self,
+        objective: Any,
+        num_draws: int,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Tensor]:
+        # Check the size before anything else so the error is the enumeration limit.
+        if count_units(objective) > self.max_sites:
             enumerate_model(objective, self.max_sites)  # raises the explanatory ValueError
-        return super().estimate(objective, num_draws, seed, **kw)
+        return super().estimate(objective, num_draws, seed, chunk_size, progress)
 
     def _draw(self, objective: Any, draws: int, rng: Rng) -> dict[str, Tensor]:
         g = enumerate_grad(objective, self.max_sites)

@@ -65,8 +65,8 @@ class SBN(StochasticObjective):
             "W3": randn(h2, output_dim),
             "b3": randn(output_dim, scale=0.5),
         }
-        for v in self.params.values():
-            v.requires_grad_(True)
+        for param in self.params.values():
+            param.requires_grad_(True)
 
     def options(self) -> dict[str, Any]:
         return {

@@ -150,6 +150,6 @@ class Toy(StochasticObjective):
                 self.unit_expectation(lambda h, r: r**2 + 0 * h)
                 - self.unit_expectation(lambda h, r: r + 0 * h) ** 2
             )
-            second = 0.25 * 2 * p * (1 - p) * ((1 - 2 * t) ** 2 + 2 * var_r)
-            return second - g**2
+            loo_second = 0.25 * 2 * p * (1 - p) * ((1 - 2 * t) ** 2 + 2 * var_r)
+            return loo_second - g**2
         raise ValueError(f"no closed form for score_function baseline {baseline!r}")
