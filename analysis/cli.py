@@ -1,0 +1,533 @@
+"""The ``stochgrad`` command line.
+
+    stochgrad list                         estimators and models, with one-line descriptions
+    stochgrad compare                      every paper estimator on the default models
+    stochgrad sweep --param logits         variance against a model or estimator option
+    stochgrad train                        SGD curves per estimator over seeds
+    stochgrad plot DIR                     redraw the figures of a results directory
+    stochgrad reproduce ...                the paper's conditional-computation experiment
+    stochgrad bench                        estimator throughput against hand-written torch
+
+Run ``stochgrad COMMAND --help`` for the options of each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser", "format_table"]
+
+_EPILOG = """\
+specs: a model or estimator is NAME or NAME:KEY=VALUE,KEY=VALUE, e.g.
+  score_function:baseline=optimal   toy:target=0.499,dim=50   spsa:c=0.05
+  (lists inside a value: hidden=4|3)
+
+examples:
+  stochgrad compare                                   # the default comparison (< 1 min)
+  stochgrad compare --models toy:target=0.45 --estimators score_function:baseline=optimal \\
+      straight_through --draws 100000 --out results/mine
+  stochgrad sweep --param logits --grid=-4:4:9        # variance against sigmoid(logits)
+  stochgrad sweep --param c --grid 0.01,0.1,1         # SPSA's step (estimator option)
+  stochgrad train --model sbn --steps 300 --seeds 5
+  stochgrad plot results/compare
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _common(p: argparse.ArgumentParser, draws: int | None, out: str) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (all estimators share it)")
+    if draws is not None:
+        p.add_argument(
+            "--draws", type=int, default=draws, help="independent gradient draws per estimator"
+        )
+    p.add_argument("--out", default=out, help="results directory (resumable; see `plot`)")
+    p.add_argument(
+        "--device", default="cpu", help="torch device: cpu, cuda or cuda:N (where draws live)"
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="hide progress bars (shown on terminals)"
+    )
+    p.add_argument("--no-plots", action="store_true", help="write tables only, no figures")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; the default models are small, where one thread is fastest "
+        "(0 = torch's own choice)",
+    )
+
+
+def _max_evals(p: argparse.ArgumentParser) -> None:
+    from .compare import DEFAULT_MAX_EVALS, MIN_CAPPED_DRAWS
+
+    p.add_argument(
+        "--max-evals",
+        type=float,
+        default=DEFAULT_MAX_EVALS,
+        help="model evaluations per (model, estimator) cell: costly estimators (finite "
+        f"differences) get fewer draws, at least {MIN_CAPPED_DRAWS}; 0 = no cap",
+    )
+
+
+def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
+    """The argument parser; ``reproduce`` is the reproduce module (or an import error)."""
+    from .compare import DEFAULT_MODELS, PAPER_ESTIMATORS, TRAIN_ESTIMATORS
+
+    parser = argparse.ArgumentParser(
+        prog="stochgrad",
+        description=(
+            "Estimate and compare gradients through stochastic neurons (Bengio, Leonard & "
+            "Courville 2013 and later work): bias, variance, MSE, cosine, SNR and cost of "
+            "every estimator, with confidence intervals, tables and figures."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "list",
+        help="list estimators and models",
+        description="Estimators (unbiasedness, cost on the default toy) and models.",
+        formatter_class=_Formatter,
+    )
+
+    p = sub.add_parser(
+        "compare",
+        help="compare estimators on models (default: paper estimators, default models)",
+        description=(
+            "Run each estimator on each model; print bias, variance, MSE, cosine, SNR, the "
+            "Bonferroni unbiasedness test and cost, with 95% intervals; write summary.csv, "
+            "per_coordinate.csv, run.json and figures to --out. A rerun with the same --out "
+            "resumes: finished (model, estimator) cells are kept, not recomputed."
+        ),
+        epilog=_EPILOG,
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="SPEC")
+    p.add_argument("--estimators", nargs="+", default=list(PAPER_ESTIMATORS), metavar="SPEC")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of intervals")
+    _max_evals(p)
+    _common(p, 10_000, "results/compare")
+
+    p = sub.add_parser(
+        "sweep",
+        help="statistics against a model or estimator option over a grid",
+        description=(
+            "Vary one option over a grid -- a model option (toy: logits, target, dim) or an "
+            "estimator option (num_samples, c, sigma, eps, ...) -- and record every statistic "
+            "at each grid point. Prefix model./estimator. to disambiguate."
+        ),
+        epilog=_EPILOG,
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--model", default="toy:target=0.45", metavar="SPEC")
+    p.add_argument("--param", default="logits", help="the option to vary")
+    p.add_argument(
+        "--grid", default="-3:3:7", help="values 'a,b,c' or an inclusive range 'start:stop:num'"
+    )
+    p.add_argument(
+        "--estimators",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="default: the paper estimators that the swept option applies to",
+    )
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of intervals")
+    _max_evals(p)
+    _common(p, 5_000, "results/sweep")
+
+    p = sub.add_parser(
+        "train",
+        help="SGD curves of each estimator on a model, over seeds",
+        description=(
+            "Each estimator drives plain SGD (theta -= lr * mean of --batch draws) on a fresh "
+            "copy of the model; the exact expected loss is recorded every --eval-every steps. "
+            "Figure: mean over seeds with a +-1 standard-error band."
+        ),
+        epilog=_EPILOG,
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--model", default="sbn", metavar="SPEC")
+    p.add_argument("--estimators", nargs="+", default=list(TRAIN_ESTIMATORS), metavar="SPEC")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+    p.add_argument("--batch", type=int, default=1, help="draws averaged per step")
+    p.add_argument("--seeds", type=int, default=3, help="runs per estimator (seed, seed+1, ...)")
+    p.add_argument("--eval-every", type=int, default=10)
+    _common(p, None, "results/train")
+
+    p = sub.add_parser(
+        "plot",
+        help="redraw the figures of a results directory",
+        description="Redraw DIR/figures/*.png and *.pdf from DIR/summary.csv and DIR/run.json.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("dir", metavar="DIR")
+
+    if reproduce is not None:
+        reproduce.add_parser(sub)  # adds `reproduce` and its own options to the subparsers
+    else:
+        # Placeholder for the command list; `main` loads the real parser on demand.
+        sub.add_parser("reproduce", help="the paper's conditional-computation experiment (MNIST)")
+
+    p = sub.add_parser(
+        "bench",
+        help="estimator throughput against hand-written torch references",
+        description="Per-draw throughput of each estimator on the toy, as a ratio to a "
+        "hand-written vectorised torch reference, measured in one run.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--draws", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+_TABLE_COLUMNS = [
+    ("estimator", "estimator"),
+    ("param", "param"),
+    ("bias_l2", "bias"),
+    ("rel_bias", "rel_bias"),
+    ("variance", "variance"),
+    ("_var_ci", "variance 95% CI"),
+    ("mse", "mse"),
+    ("cosine", "cosine"),
+    ("snr", "snr"),
+    ("z_max", "z_max"),
+    ("p_unbiased", "p_unbiased"),
+    ("evals_per_draw", "evals"),
+    ("draws", "draws"),
+    ("work_variance", "work_var"),
+    ("_us", "us/draw"),
+]
+
+
+def _g(x: Any) -> str:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if v != v:
+        return "-"
+    if v in (float("inf"), float("-inf")):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.3g}"
+
+
+def format_table(df: Any) -> str:
+    """The summary table as text, one block per model (3 significant digits)."""
+    if df.empty:
+        return "(no rows)"
+    level = df["level"].iloc[0] if "level" in df else 0.95
+    cols = [
+        (k, h.replace("95%", f"{100 * float(level):g}%") if k == "_var_ci" else h)
+        for k, h in _TABLE_COLUMNS
+    ]
+    blocks = []
+    single_param = df.groupby("model")["param"].nunique().max() == 1
+    for model, sub in df.groupby("model", sort=False):
+        rows = []
+        for _, r in sub.iterrows():
+            row = []
+            for k, _h in cols:
+                if k == "_var_ci":
+                    row.append(f"[{_g(r['variance_lo'])}, {_g(r['variance_hi'])}]")
+                elif k == "_us":
+                    row.append(_g(1e6 * float(r["seconds_per_draw"])))
+                elif k in ("draws", "evals_per_draw"):
+                    row.append(f"{float(r[k]):g}")
+                else:
+                    row.append(_g(r[k]) if k not in ("estimator", "param") else str(r[k]))
+            rows.append(row)
+        keep = [i for i, (k, _) in enumerate(cols) if not (k == "param" and single_param)]
+        heads = [cols[i][1] for i in keep]
+        rows = [[row[i] for i in keep] for row in rows]
+        widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(heads)]
+        left = {0, 1} if not single_param else {0}
+
+        def fmt(cells: list[str], widths: list[int] = widths, left: set[int] = left) -> str:
+            return "  ".join(
+                c.ljust(w) if j in left else c.rjust(w)
+                for j, (c, w) in enumerate(zip(cells, widths))
+            )
+
+        ref = sub["reference"].iloc[0] if "reference" in sub else "?"
+        lines = [f"== {model}  (reference gradient: {ref})"]
+        lines.append(fmt(heads))
+        lines.append(fmt(["-" * w for w in widths]))
+        lines += [fmt(r) for r in rows]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _echo(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _figures(out: str, no_plots: bool) -> list[str]:
+    if no_plots:
+        return []
+    from .plots import plot_results
+
+    return [str(f) for f in plot_results(out)]
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return False if args.no_progress else None
+
+
+def _device(name: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected cpu or cuda")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_line(text: str | None) -> str:
+    for line in (text or "").strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from stochgrad import estimators, models
+
+    toy = models.get("toy")
+    print("Estimators (cost per draw on the default toy, dim 200):")
+    rows = []
+    for name in estimators.available():
+        cls = estimators.lookup(name)
+        est = cls()
+        try:
+            c = est.cost(toy)
+            cost = f"{float(c.evals):g} evals, {float(c.backwards):g} backward"
+        except (ValueError, TypeError, NotImplementedError) as e:
+            cost = f"n/a ({_first_line(str(e))[:40]})"
+        desc = _first_line(getattr(cls, "description", "") or cls.__doc__)
+        opts = ", ".join(cls.option_names())
+        rows.append((name, str(est.unbiased), cost, desc, opts))
+    w = max(len(r[0]) for r in rows)
+    for name, unb, cost, desc, opts in rows:
+        print(f"  {name.ljust(w)}  unbiased: {unb:<10}  {cost}")
+        for line in textwrap.wrap(desc, 88):
+            print(" " * (w + 4) + line)
+        if opts:
+            print(" " * (w + 4) + "options: " + opts)
+    print("\nModels:")
+    w = max(len(n) for n in models.available())
+    for name in models.available():
+        cls = models.lookup(name)
+        desc = _first_line(getattr(cls, "description", "") or cls.__doc__)
+        print(f"  {name.ljust(w)}  {desc}")
+    print(
+        "\nDefault comparison: `stochgrad compare` (models: toy:target=0.45, toy:target=0.499, sbn)"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    t0 = time.perf_counter()
+    table = run_compare(
+        args.models,
+        args.estimators,
+        args.draws,
+        args.seed,
+        out=args.out,
+        device=_device(args.device),
+        level=args.level,
+        max_evals=args.max_evals or None,
+        progress=_progress(args),
+        echo=_echo,
+    )
+    print(format_table(table))
+    for s in table.attrs.get("skipped", []):
+        print(f"skipped: {s['estimator']} on {s['model']}: {_first_line(s['reason'])}")
+    figs = _figures(args.out, args.no_plots)
+    print(f"\nwrote {args.out}/summary.csv, per_coordinate.csv, run.json" + (
+        f" and {len(figs)} figure files in {args.out}/figures" if figs else ""
+    ))  # fmt: skip
+    print(f"wall time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .compare import run_sweep
+
+    table = run_sweep(
+        args.model,
+        args.param,
+        args.grid,
+        args.estimators,
+        args.draws,
+        args.seed,
+        out=args.out,
+        device=_device(args.device),
+        level=args.level,
+        max_evals=args.max_evals or None,
+        progress=_progress(args),
+        echo=_echo,
+    )
+    cols = ["estimator", "sweep_value", "variance", "variance_lo", "variance_hi", "bias_l2"]
+    cols += ["mse", "p_unbiased"]
+    with _pandas_display():
+        print(table[cols].to_string(index=False, float_format=_g))
+    figs = _figures(args.out, args.no_plots)
+    print(
+        f"\nwrote {args.out}/summary.csv" + (f" and figures in {args.out}/figures" if figs else "")
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .compare import run_train
+
+    table = run_train(
+        args.model,
+        args.estimators,
+        seeds=args.seeds,
+        steps=args.steps,
+        lr=args.lr,
+        batch=args.batch,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        out=args.out,
+        device=_device(args.device),
+        progress=_progress(args),
+        echo=_echo,
+    )
+    if not table.empty:
+        last = table[table["step"] == table["step"].max()]
+        agg = last.groupby("estimator", sort=False)["loss"].agg(["mean", "std", "count"])
+        print(f"expected loss after {int(table['step'].max())} steps (mean, sd over seeds):")
+        with _pandas_display():
+            print(agg.to_string(float_format=_g))
+    figs = _figures(args.out, args.no_plots)
+    print(
+        f"\nwrote {args.out}/summary.csv" + (f" and figures in {args.out}/figures" if figs else "")
+    )
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_results
+
+    for f in plot_results(args.dir):
+        print(f)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        benchmark = importlib.import_module("stochgrad.analysis.benchmark")
+    except ImportError as e:
+        print(
+            f"stochgrad bench is not available in this installation ({e}); from a source "
+            "checkout run: python scripts/bench_estimators.py",
+            file=sys.stderr,
+        )
+        return 2
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats}")
+    rows = benchmark.run(benchmark.default_cases(args.draws, args.dim), repeats=args.repeats)
+    print(benchmark.format_table(rows))
+    return 0
+
+
+class _pandas_display:
+    def __enter__(self) -> None:
+        import pandas as pd
+
+        self._ctx = pd.option_context("display.width", 200, "display.max_rows", 500)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def _load_reproduce() -> Any:
+    """The reproduce module, or the ImportError explaining why it is unavailable."""
+    try:
+        return importlib.import_module("stochgrad.analysis.reproduce")
+    except ImportError as e:
+        return e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``stochgrad`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Import the (heavier) reproduce module only when that command is asked for.
+    wants_reproduce = bool(argv) and argv[0] == "reproduce"
+    reproduce = _load_reproduce() if wants_reproduce else None
+    if wants_reproduce and (
+        isinstance(reproduce, BaseException)
+        or not hasattr(reproduce, "run")
+        or not hasattr(reproduce, "add_parser")
+    ):
+        why = reproduce if isinstance(reproduce, BaseException) else "no add_parser()/run()"
+        print(
+            "stochgrad reproduce is not available: the module stochgrad.analysis.reproduce "
+            f"could not be loaded ({why}).",
+            file=sys.stderr,
+        )
+        return 2
+    parser = build_parser(reproduce)
+    args = parser.parse_args(argv)
+    if args.command == "reproduce":
+        assert reproduce is not None
+        rc = reproduce.run(args)
+        return int(rc or 0)
+    commands = {
+        "list": cmd_list,
+        "compare": cmd_compare,
+        "sweep": cmd_sweep,
+        "train": cmd_train,
+        "plot": cmd_plot,
+        "bench": cmd_bench,
+    }
+    try:
+        return commands[args.command](args)
+    except ValueError as e:  # bad names, options, grids, incompatible directories
+        print(f"stochgrad {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Figures of estimator comparisons (seaborn styling, rendered off-screen).
+
+Every function takes a tidy table (``summary.csv`` of a results directory, see
+:mod:`stochgrad.analysis.results`) and returns a ``matplotlib.figure.Figure``; ``save`` writes
+it as PNG and PDF. Figures are built with ``matplotlib.figure.Figure`` (no pyplot, no GUI
+backend), so plotting works headless and never touches the user's global state.
+
+One estimator keeps one colour and one marker in every figure (:func:`estimator_style`):
+the paper's estimators have fixed slots in the colour-blind-safe ``colorblind`` palette, any
+other label gets a slot derived from its name. Axes holding quantities that span decades
+(variance, MSE, cost) are logarithmic; a symmetric-log axis is used when exact zeros occur
+(the ``exact`` estimator), so that they stay visible.
+
+Figures:
+
+* (a) :func:`plot_variance_sweep` -- variance (log) against the swept parameter, against
+  ``sigmoid(logits)`` when the logits are swept; band = the variance confidence interval.
+* (b) :func:`plot_bias_vs_std` -- ``bias_l2`` against ``sqrt(variance)``, with both intervals.
+* (c) :func:`plot_mse_vs_cost` -- MSE against model evaluations per draw, with its interval and
+  the efficiency frontier (lowest MSE at or below each cost).
+* (d) :func:`plot_training` -- expected loss against SGD step, mean over seeds with a band of
+  +- one standard error of that mean.
+* :func:`plot_variance` -- variance per estimator with its interval (compare runs).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from .compare import PAPER_ESTIMATORS
+
+__all__ = [
+    "estimator_style",
+    "plot_bias_vs_std",
+    "plot_mse_vs_cost",
+    "plot_results",
+    "plot_training",
+    "plot_variance",
+    "plot_variance_sweep",
+    "save",
+]
+
+_PALETTE = sns.color_palette("colorblind", 10)
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
+_FIXED = list(PAPER_ESTIMATORS)
+
+
+def estimator_style(label: str) -> dict[str, Any]:
+    """``{"color", "marker", ...}`` for an estimator label, the same in every figure.
+
+    The palette has 10 colours; slots past the tenth reuse a colour with a hollow marker.
+    """
+    if label in _FIXED:
+        i = _FIXED.index(label)
+    else:
+        i = len(_FIXED) + zlib.crc32(label.encode("utf-8")) % (2 * len(_MARKERS))
+    color = _PALETTE[i % len(_PALETTE)]
+    style = {"color": color, "marker": _MARKERS[i % len(_MARKERS)]}
+    if (i // len(_PALETTE)) % 2 == 1:
+        style.update(markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.5)
+    return style
+
+
+def _ordered(labels: Sequence[str]) -> list[str]:
+    """Unique labels, the paper's estimators first in their fixed order."""
+    uniq = list(dict.fromkeys(labels))
+    return [x for x in _FIXED if x in uniq] + [x for x in uniq if x not in _FIXED]
+
+
+def save(fig: Figure, path: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write ``fig`` to ``path`` with each suffix in ``formats``; returns the files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for fmt in formats:
+        f = path.with_suffix("." + fmt)
+        fig.savefig(f, dpi=150)
+        out.append(f)
+    return out
+
+
+def _facets(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """One panel per (model, param), in table order."""
+    keys = list(dict.fromkeys(zip(df["model"], df["param"])))
+    single_param = df.groupby("model")["param"].nunique().max() == 1
+    out = []
+    for m, p in keys:
+        title = str(m) if single_param else f"{m} / {p}"
+        out.append((title, df[(df["model"] == m) & (df["param"] == p)]))
+    return out
+
+
+def _grid(n: int, width: float = 3.6, height: float = 3.0) -> tuple[Figure, list[Any]]:
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    extra = 3.8 if n <= 2 else 0.0  # room for a legend at the right of narrow figures
+    fig = Figure(figsize=(width * cols + extra, height * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _scale(ax: Any, axis: str, values: np.ndarray) -> None:
+    """Log scale for positive data spanning > 1 decade; symlog when zeros occur."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0 or (v < 0).any():
+        return
+    pos = v[v > 0]
+    if pos.size == 0:
+        return
+    if (v == 0).any():
+        setter = ax.set_xscale if axis == "x" else ax.set_yscale
+        setter("symlog", linthresh=float(pos.min()))
+        lim = ax.set_xlim if axis == "x" else ax.set_ylim
+        lim(0, float(pos.max()) * 3)
+    elif pos.max() / pos.min() > 10:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+
+
+def _legend(fig: Figure, labels: Sequence[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="-", **estimator_style(lab), label=lab) for lab in labels]
+    if len([a for a in fig.axes if a.get_visible()]) <= 2:  # narrow figure: legend at the right
+        fig.legend(handles=handles, loc="outside right upper", frameon=False)
+    else:
+        fig.legend(
+            handles=handles, loc="outside lower center", ncol=min(3, len(labels)), frameon=False
+        )
+
+
+def _styled(fn):
+    def wrapper(*args: Any, **kwargs: Any) -> Figure:
+        with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+            return fn(*args, **kwargs)
+
+    wrapper.__doc__ = fn.__doc__
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def _errs(center: pd.Series, lo: pd.Series, hi: pd.Series) -> np.ndarray | None:
+    """Asymmetric error bars (nan-safe); ``None`` when no interval is known."""
+    c, lo_, hi_ = (np.asarray(s, dtype=float) for s in (center, lo, hi))
+    if not (np.isfinite(lo_) & np.isfinite(hi_)).any():
+        return None
+    low = np.where(np.isfinite(lo_), np.clip(c - lo_, 0, None), 0.0)
+    high = np.where(np.isfinite(hi_), np.clip(hi_ - c, 0, None), 0.0)
+    return np.vstack([low, high])
+
+
+@_styled
+def plot_bias_vs_std(df: pd.DataFrame) -> Figure:
+    """(b) ``bias_l2`` against the standard deviation ``sqrt(variance)``, intervals on both."""
+    facets = _facets(df)
+    fig, axes = _grid(len(facets))
+    labels = _ordered(df["estimator"])
+    for ax, (title, sub) in zip(axes, facets):
+        for lab in labels:
+            r = sub[sub["estimator"] == lab]
+            if r.empty:
+                continue
+            std = np.sqrt(r["variance"].clip(lower=0))
+            xerr = _errs(std, np.sqrt(r["variance_lo"].clip(lower=0)), np.sqrt(r["variance_hi"]))
+            yerr = _errs(r["bias_l2"], r["bias_l2_lo"], r["bias_l2_hi"])
+            ax.errorbar(
+                std, r["bias_l2"], xerr=xerr, yerr=yerr, linestyle="none", capsize=2,
+                markersize=6, clip_on=False, **estimator_style(lab),
+            )  # fmt: skip
+        _scale(ax, "x", np.sqrt(sub["variance"].clip(lower=0)))
+        _scale(ax, "y", sub["bias_l2"])
+        ax.set_title(title)
+        ax.set_xlabel("standard deviation  sqrt(variance)")
+        ax.set_ylabel("bias  ||mean - g*||")
+    _legend(fig, labels)
+    return fig
+
+
+@_styled
+def plot_mse_vs_cost(df: pd.DataFrame) -> Figure:
+    """(c) MSE against model evaluations per draw, with the efficiency frontier."""
+    facets = _facets(df)
+    fig, axes = _grid(len(facets))
+    labels = _ordered(df["estimator"])
+    for ax, (title, sub) in zip(axes, facets):
+        for lab in labels:
+            r = sub[sub["estimator"] == lab]
+            if r.empty:
+                continue
+            ax.errorbar(
+                r["evals_per_draw"], r["mse"], yerr=_errs(r["mse"], r["mse_lo"], r["mse_hi"]),
+                linestyle="none", capsize=2, markersize=6, clip_on=False, **estimator_style(lab),
+            )  # fmt: skip
+        pts = sub[["evals_per_draw", "mse"]].astype(float).dropna().sort_values("evals_per_draw")
+        if not pts.empty:
+            front = pts.groupby("evals_per_draw")["mse"].min().cummin()
+            ax.step(front.index, front.values, where="post", color="0.5", lw=1, zorder=0)
+        _scale(ax, "x", sub["evals_per_draw"])
+        _scale(ax, "y", sub["mse"])
+        ax.set_title(title)
+        ax.set_xlabel("cost per draw (model evaluations)")
+        ax.set_ylabel("MSE per coordinate")
+    _legend(fig, labels)
+    return fig
+
+
+@_styled
+def plot_variance(df: pd.DataFrame) -> Figure:
+    """Variance per estimator with its confidence interval, one panel per (model, param)."""
+    facets = _facets(df)
+    fig, axes = _grid(len(facets), width=4.2, height=3.4)
+    labels = _ordered(df["estimator"])
+    for ax, (title, sub) in zip(axes, facets):
+        shown = [lab for lab in labels if lab in set(sub["estimator"])]
+        for i, lab in enumerate(shown):
+            r = sub[sub["estimator"] == lab]
+            ax.errorbar(
+                r["variance"], [i] * len(r),
+                xerr=_errs(r["variance"], r["variance_lo"], r["variance_hi"]),
+                linestyle="none", capsize=2, markersize=6, clip_on=False, **estimator_style(lab),
+            )  # fmt: skip
+        ax.set_yticks(range(len(shown)), [s.replace(":", "\n", 1) for s in shown], fontsize=6)
+        ax.invert_yaxis()
+        _scale(ax, "x", sub["variance"])
+        ax.set_title(title)
+        ax.set_xlabel("variance (average over coordinates)")
+    return fig
+
+
+@_styled
+def plot_variance_sweep(df: pd.DataFrame, y: str = "variance") -> Figure:
+    """(a) ``y`` (default the variance, log axis) against the swept parameter, with bands.
+
+    When the swept parameter is ``logits`` the x axis is ``sigmoid(logits)``.
+    """
+    if "sweep_value" not in df:
+        raise ValueError(
+            "plot_variance_sweep needs a sweep table (columns sweep_param, sweep_value)"
+        )
+    param = str(df["sweep_param"].iloc[0])
+    xs = pd.to_numeric(df["sweep_value"], errors="coerce")
+    xlabel = param
+    if param.split(".")[-1] == "logits":
+        xs = 1 / (1 + np.exp(-xs))
+        xlabel = "sigmoid(logits)"
+    df = df.assign(_x=xs)
+    facets = _facets(df)
+    fig, axes = _grid(len(facets), width=4.4, height=3.4)
+    labels = _ordered(df["estimator"])
+    for ax, (title, sub) in zip(axes, facets):
+        for lab in labels:
+            r = sub[sub["estimator"] == lab].sort_values("_x")
+            if r.empty:
+                continue
+            st = estimator_style(lab)
+            ax.plot(r["_x"], r[y], **st, markersize=5, label=lab)
+            lo, hi = f"{y}_lo", f"{y}_hi"
+            if lo in r and hi in r:
+                ax.fill_between(r["_x"], r[lo], r[hi], color=st["color"], alpha=0.2, lw=0)
+        _scale(ax, "y", sub[y])
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(y.replace("_", " "))
+    _legend(fig, labels)
+    return fig
+
+
+@_styled
+def plot_training(df: pd.DataFrame) -> Figure:
+    """(d) Expected loss against step: mean over seeds, band +- one standard error."""
+    fig = Figure(figsize=(10.0, 4.4), layout="constrained")
+    ax = fig.subplots()
+    labels = _ordered(df["estimator"])
+    for lab in labels:
+        r = df[df["estimator"] == lab]
+        g = r.groupby("step")["loss"]
+        mean, n = g.mean(), g.count()
+        se = (g.std(ddof=1) / np.sqrt(n)).fillna(0.0)
+        st = estimator_style(lab)
+        ax.plot(mean.index, mean.values, **st, markersize=4, markevery=max(1, len(mean) // 8))
+        ax.fill_between(
+            mean.index, (mean - se).values, (mean + se).values, color=st["color"], alpha=0.2, lw=0
+        )
+    _scale(ax, "y", df["loss"])
+    model = ", ".join(map(str, dict.fromkeys(df["model"])))
+    seeds = df.groupby("estimator")["seed"].nunique().max()
+    ax.set_title(f"SGD on {model} ({seeds} seeds, band: +-1 s.e.)")
+    ax.set_xlabel("SGD step")
+    ax.set_ylabel("expected loss E[L]")
+    _legend(fig, labels)
+    return fig
+
+
+def plot_results(path: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """(Re)draw every figure of a results directory into ``DIR/figures``; returns the files."""
+    from .results import FIGURES_DIR, ResultsDir, read_summary
+
+    path = Path(path)
+    run = ResultsDir.read_run(path)
+    df = read_summary(path)
+    if df.empty:
+        raise ValueError(f"{path}/summary.csv has no rows yet; nothing to plot")
+    figdir = path / FIGURES_DIR
+    kind = run.get("kind")
+    figs: dict[str, Any] = {}
+    if kind == "compare":
+        figs = {
+            "bias_vs_std": plot_bias_vs_std,
+            "mse_vs_cost": plot_mse_vs_cost,
+            "variance": plot_variance,
+        }
+    elif kind == "sweep":
+        figs = {
+            "variance_sweep": plot_variance_sweep,
+            "bias_sweep": lambda d: plot_variance_sweep(d, y="bias_l2"),
+        }
+    elif kind == "train":
+        figs = {"training": plot_training}
+    else:
+        raise ValueError(f"{path}: unknown run kind {kind!r} in run.json")
+    files: list[Path] = []
+    for name, fn in figs.items():
+        fig = fn(df)
+        files += save(fig, figdir / name, formats)
+    return files
