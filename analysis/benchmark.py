@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -193,8 +194,8 @@ def run(cases: list[Case], repeats: int = 3, target: float = 0.45) -> list[dict[
         est = case.estimator
         est.estimate(obj, min(case.draws, 1000), seed=0)  # warm-up (and baseline state)
         gen = torch.Generator().manual_seed(0)
-        ours = _best_time(lambda: est.estimate(obj, case.draws, seed=1), repeats)
-        ref = _best_time(lambda: case.reference(phi, target, case.draws, gen), repeats)
+        ours = _best_time(partial(est.estimate, obj, case.draws, seed=1), repeats)
+        ref = _best_time(partial(case.reference, phi, target, case.draws, gen), repeats)
         rows.append(
             {
                 "estimator": case.label,
