@@ -278,6 +278,25 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_objective(objective: Any) -> None:
+    """An objective has a non-empty ``params`` dict of finite tensors; say what is wrong."""
+    params = getattr(objective, "params", None)
+    if not isinstance(params, Mapping) or not params:
+        raise TypeError(
+            f"expected a stochastic objective with a non-empty `params` dict (see "
+            f"stochgrad.models), got {type(objective).__name__}"
+        )
+    for k, v in params.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"parameter {k!r} must be a torch.Tensor, got {type(v).__name__}")
+        bad = int((~torch.isfinite(v.detach())).sum())
+        if bad:
+            raise ValueError(
+                f"parameter {k!r} of {type(objective).__name__} has {bad} non-finite "
+                "value(s) (nan or inf); parameters must be finite"
+            )
+
+
 class Estimator:
     """Base class: a gradient estimator for objectives with Bernoulli stochastic neurons.
 
@@ -308,15 +327,21 @@ class Estimator:
         return {k: getattr(self, k) for k in self.option_names()}
 
     def label(self) -> str:
-        """A short readable label: the name and the options that differ from the defaults."""
-        sig = inspect.signature(type(self).__init__)
-        parts = [
-            f"{k}={v}"
-            for k, v in self.options().items()
-            if sig.parameters[k].default is inspect.Parameter.empty
-            or v != sig.parameters[k].default
-        ]
-        return self.name + (f"[{','.join(parts)}]" if parts else "")
+        """A short readable label in the CLI's spec syntax: ``name:key=value,...``.
+
+        Only options that differ from what the estimator would resolve them to by default
+        (given its other options) are shown, e.g. ``score_function:baseline=optimal``.
+        """
+        opts = self.options()
+        parts = []
+        for k, v in opts.items():
+            try:
+                default = type(self)(**{j: w for j, w in opts.items() if j != k}).options()[k]
+            except (TypeError, ValueError):
+                default = inspect.Parameter.empty
+            if default is inspect.Parameter.empty or v != default:
+                parts.append(f"{k}={v}")
+        return self.name + (f":{','.join(parts)}" if parts else "")
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -360,18 +385,13 @@ class Estimator:
         ``progress`` (optional) is called with the number of draws finished after each chunk.
         """
         check_positive_int("num_draws", num_draws)
-        params = getattr(objective, "params", None)
-        if not isinstance(params, Mapping) or not params:
-            raise TypeError(
-                f"expected a stochastic objective with a non-empty `params` dict (see "
-                f"stochgrad.models), got {type(objective).__name__}"
-            )
+        check_objective(objective)
         rng = Rng(seed, _device_of(objective))
         if chunk_size is None:
             chunk_size = self.default_chunk_size(objective)
         check_positive_int("chunk_size", chunk_size)
         self.warmup(objective, rng)
-        parts: dict[str, list[Tensor]] = {k: [] for k in params}
+        parts: dict[str, list[Tensor]] = {k: [] for k in objective.params}
         done = 0
         while done < num_draws:
             n = min(chunk_size, num_draws - done)

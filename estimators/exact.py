@@ -21,7 +21,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Cost, Estimator, Rng, Site, grads_or_zeros, run_model, site_units
+from .base import (
+    Cost,
+    Estimator,
+    Rng,
+    Site,
+    check_objective,
+    check_positive_int,
+    grads_or_zeros,
+    run_model,
+    site_units,
+)
 from .registry import register
 from .score_function import bernoulli_log_prob
 
@@ -122,6 +132,8 @@ class Exact(Estimator):
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, Tensor]:
         # Check the size before anything else so the error is the enumeration limit.
+        check_positive_int("num_draws", num_draws)
+        check_objective(objective)
         if count_units(objective) > self.max_sites:
             enumerate_model(objective, self.max_sites)  # raises the explanatory ValueError
         return super().estimate(objective, num_draws, seed, chunk_size, progress)

@@ -117,11 +117,12 @@ class Toy(StochasticObjective):
         return {"b": b.to(self.params["logits"].dtype)}
 
     def closed_form_variance(self, estimator: str, **options: Any) -> float:
-        """Exact per-coordinate variance of a single-draw estimate at a shared logit.
+        """Exact per-coordinate variance of one draw's estimate, at a shared logit.
 
-        ``estimator``: ``"score_function"`` with ``baseline`` in ``"none"``, ``"oracle"``
-        (the optimal baseline of Eq. 10), ``"leave_one_out"`` (``num_samples=2``);
-        ``"straight_through"`` (identity variant).
+        ``estimator="score_function"`` with ``baseline`` ``"none"`` or ``"oracle"`` (the
+        optimal baseline of Eq. 10 computed exactly) and any ``num_samples`` K (variance / K),
+        or ``"leave_one_out"`` with ``num_samples=2``; ``estimator="straight_through"`` with
+        ``variant`` ``"identity"`` or ``"sigmoid"``. Anything else raises ``ValueError``.
         """
         p = float(self.probs()[0])
         t = self.target
@@ -130,20 +131,31 @@ class Toy(StochasticObjective):
         def L(h: Tensor, r: Tensor) -> Tensor:
             return (h - t) ** 2 + r
 
+        def check(allowed: dict[str, tuple[Any, ...]]) -> None:
+            for k, v in options.items():
+                if k not in allowed:
+                    raise ValueError(
+                        f"closed_form_variance({estimator!r}): unknown option {k!r}; "
+                        f"allowed: {', '.join(allowed)}"
+                    )
+                if allowed[k] and v not in allowed[k]:
+                    raise ValueError(
+                        f"no closed form for {estimator} with {k}={v!r}; "
+                        f"available: {', '.join(map(repr, allowed[k]))}"
+                    )
+
         if estimator == "straight_through":
-            # g_i = 2 (h_i - t): variance 4 p (1 - p)
-            return 4 * p * (1 - p)
+            # g_i = 2 (h_i - t) * slope, slope 1 (identity) or p (1 - p) (sigmoid)
+            check({"variant": ("identity", "sigmoid")})
+            slope = 1.0 if options.get("variant", "identity") == "identity" else p * (1 - p)
+            return 4 * p * (1 - p) * slope**2
         if estimator != "score_function":
-            raise ValueError(f"no closed form for {estimator!r}")
+            raise ValueError(
+                f"no closed form for {estimator!r}; available: score_function, straight_through"
+            )
         baseline = options.get("baseline", "none")
-        if baseline == "none":
-            second = self.unit_expectation(lambda h, r: (h - p) ** 2 * L(h, r) ** 2)
-            return float(second) - g**2
-        if baseline == "oracle":
-            b = float(self.optimal_baseline()["b"][0])
-            second = self.unit_expectation(lambda h, r: (h - p) ** 2 * (L(h, r) - b) ** 2)
-            return float(second) - g**2
         if baseline == "leave_one_out":
+            check({"baseline": (), "num_samples": (2,)})
             # g_i = (h1_i - h2_i)(L1 - L2) / 2 for K = 2; nonzero only when h1_i != h2_i,
             # then L1 - L2 = +-(1 - 2t) + (R1 - R2) with R1, R2 iid.
             var_r = float(
@@ -152,4 +164,10 @@ class Toy(StochasticObjective):
             )
             loo_second = 0.25 * 2 * p * (1 - p) * ((1 - 2 * t) ** 2 + 2 * var_r)
             return loo_second - g**2
-        raise ValueError(f"no closed form for score_function baseline {baseline!r}")
+        check({"baseline": ("none", "oracle"), "num_samples": ()})
+        k = options.get("num_samples", 1)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"num_samples must be a positive int, got {k!r}")
+        b = 0.0 if baseline == "none" else float(self.optimal_baseline()["b"][0])
+        second = self.unit_expectation(lambda h, r: (h - p) ** 2 * (L(h, r) - b) ** 2)
+        return (float(second) - g**2) / k
