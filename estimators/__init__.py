@@ -9,6 +9,11 @@ Every estimator has the same entry point, ``est.estimate(objective, num_draws, s
 returning ``{param name: Tensor(num_draws, *param.shape)}`` of independent per-draw
 estimates (see :mod:`stochgrad.estimators.base`), and declares ``unbiased`` and
 ``cost(objective)`` (model evaluations and backward passes per draw).
+
+In Pyro programs a site opts into an estimator with ``infer={"estimator": ...}`` or from
+outside with :func:`estimator_config`; :class:`EstimatorELBO` trains with ``pyro.infer.SVI``
+and :func:`surrogate_loss` gives a scalar whose ``.backward()`` leaves the estimate in
+``.grad`` for plain torch optimisers.
 """
 
 from . import (  # noqa: F401  (importing registers the estimators)
@@ -22,8 +27,10 @@ from . import (  # noqa: F401  (importing registers the estimators)
     sts,
 )
 from .base import Cost, Estimator
+from .elbo import EstimatorELBO
 from .exact import Exact
 from .finite_difference import FiniteDifference
+from .handlers import EstimatorMessenger, estimator_config
 from .node_perturbation import NodePerturbation
 from .noisy_rectifier import NoisyRectifier
 from .registry import available, get, lookup, register
@@ -31,6 +38,7 @@ from .score_function import ScoreFunction
 from .spsa import SPSA
 from .straight_through import StraightThrough
 from .sts import STS
+from .surrogate import Surrogate, SurrogateResult, forward_gradient, surrogate_loss
 
 PAPER_ESTIMATORS = (
     "score_function",
@@ -46,6 +54,8 @@ PAPER_ESTIMATORS = (
 __all__ = [
     "Cost",
     "Estimator",
+    "EstimatorELBO",
+    "EstimatorMessenger",
     "Exact",
     "FiniteDifference",
     "NodePerturbation",
@@ -55,8 +65,13 @@ __all__ = [
     "STS",
     "ScoreFunction",
     "StraightThrough",
+    "Surrogate",
+    "SurrogateResult",
     "available",
+    "estimator_config",
+    "forward_gradient",
     "get",
     "lookup",
     "register",
+    "surrogate_loss",
 ]

@@ -19,21 +19,36 @@ Baselines (``baseline=``):
   the exact expectation (enumeration or the model's closed form) -- for analysis.
 - ``leave_one_out``: ``K >= 2`` samples per draw; sample ``k`` uses the mean cost of the
   other ``K - 1`` (Kool et al. 2019, "Buy 4 REINFORCE samples").
+- ``learned``: ``b = f_psi(x)``, a small network of a user-given input ``x`` (in a Pyro
+  program: the site's ``infer={"baseline_input": x}``; by default a linear map, or a learned
+  constant when there is no input), trained by squared error ``(L - f_psi(x))^2`` with its own
+  Adam optimiser *after* the draw has used it (Mnih & Gregor 2014, NVIL). ``network=`` gives
+  your own module (shared by every site this estimator serves).
+
+``init`` (``moving_average`` only): ``"first"`` starts the average at the first batch's mean;
+``"zero"`` starts it at 0 so the first update gives ``(1 - decay) L``, as Pyro's
+``use_decaying_avg_baseline`` does (``decay`` is Pyro's ``baseline_beta``).
 
 With ``num_samples = K`` every draw averages ``K`` single-sample estimates.
 
 Requires: Bernoulli sample sites.
 Bias: none for every baseline (the stateful ones are built from earlier draws only).
-Warm-up: stateful baselines (``moving_average``, ``optimal`` online) are updated over
+Warm-up: stateful baselines (``moving_average``, ``optimal`` online, ``learned``) are updated over
 ``warmup_draws`` draws in chunks of ``warmup_chunk`` before ``estimate`` measures, when the
 estimator has no state yet; after that their state carries over between calls.
 
+In a Pyro program (:mod:`stochgrad.estimators.elbo`, :mod:`stochgrad.estimators.surrogate`)
+the state is kept per site name in this object (:meth:`site_baseline`, :meth:`site_update`),
+with the shape of the site's cost (its plate dims; per unit for ``optimal``), never in Pyro's
+parameter store; ``state_dict()`` holds it under ``"__sites__"`` and ``"__learned__"``.
+
 References: Bengio, Leonard & Courville (2013), arXiv:1308.3432, Sec. 3, Eq. 10;
-Williams (1992); Weaver & Tao (2001).
+Williams (1992); Weaver & Tao (2001); Mnih & Gregor (2014), arXiv:1402.0030, Sec. 3.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,8 +68,11 @@ from .base import (
 )
 from .registry import register
 
-BASELINES = ("none", "moving_average", "optimal", "leave_one_out")
+BASELINES = ("none", "moving_average", "optimal", "leave_one_out", "learned")
 MODES = ("online", "oracle")
+INITS = ("first", "zero")
+SITES_KEY = "__sites__"
+LEARNED_KEY = "__learned__"
 
 
 def bernoulli_log_prob(logits: Tensor, value: Tensor) -> Tensor:
@@ -78,6 +96,9 @@ class ScoreFunction(SurrogateEstimator):
         mode: str = "online",
         warmup_draws: int = 2000,
         warmup_chunk: int = 100,
+        init: str = "first",
+        network: torch.nn.Module | None = None,
+        lr: float = 1e-2,
     ):
         self.baseline = check_choice("baseline", baseline, BASELINES)
         if num_samples is None:
@@ -97,13 +118,24 @@ class ScoreFunction(SurrogateEstimator):
             raise ValueError("mode='oracle' applies only to baseline='optimal'")
         self.warmup_draws = check_positive_int("warmup_draws", warmup_draws, 0)
         self.warmup_chunk = check_positive_int("warmup_chunk", warmup_chunk)
+        self.init = check_choice("init", init, INITS)
+        if network is not None and not isinstance(network, torch.nn.Module):
+            raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
+        if network is not None and baseline != "learned":
+            raise ValueError("network= applies only to baseline='learned'")
+        self.network = network
+        self.lr = check_positive_float("lr", lr)
         # state: moving average -> {"mean": scalar}; optimal -> {site: {"num", "den"}}
         self._state: dict[str, Any] = {}
         self._oracle: dict[str, Tensor] | None = None
+        # Pyro programs: per-site state {site: {"mean"} | {"num", "den"}}
+        self._sites: dict[str, dict[str, Tensor]] = {}
+        # learned baselines: per-site module and optimiser
+        self._learned: dict[str, _Learned] = {}
 
     @property
     def stateful(self) -> bool:
-        return self.baseline == "moving_average" or (
+        return self.baseline in ("moving_average", "learned") or (
             self.baseline == "optimal" and self.mode == "online"
         )
 
@@ -140,6 +172,8 @@ class ScoreFunction(SurrogateEstimator):
             return others.reshape(-1, *([1] * units))
         if self.baseline == "moving_average":
             return self._state["mean"] if "mean" in self._state else 0.0
+        if self.baseline == "learned":
+            return self._learned_for(name, None, site.logits).predict(None, units).detach()
         # optimal, per unit
         if self.mode == "oracle":
             if self._oracle is None or name not in self._oracle:
@@ -158,11 +192,19 @@ class ScoreFunction(SurrogateEstimator):
         with torch.no_grad():
             if self.baseline == "moving_average":
                 m = cost.mean()
+                first = m if self.init == "first" else (1 - beta) * m
                 self._state["mean"] = (
-                    m
+                    first
                     if "mean" not in self._state
                     else (beta * self._state["mean"] + (1 - beta) * m)
                 )
+                return
+            if self.baseline == "learned":
+                flat = cost.reshape(-1)
+                for name, site in sites.items():
+                    units = site.value.dim() - 1
+                    target = flat.view(-1, *([1] * units))
+                    self._learned_for(name, None, target).fit([(1.0, target, None)], units)
                 return
             flat = cost.reshape(-1)
             for name, site in sites.items():
@@ -183,7 +225,7 @@ class ScoreFunction(SurrogateEstimator):
         if self.baseline == "optimal" and self.mode == "oracle":
             self._oracle = oracle_optimal_baseline(objective)
             return
-        if not self.stateful or self._state:
+        if not self.stateful or self._state or self._learned:
             return
         left = self.warmup_draws
         while left > 0:
@@ -199,17 +241,255 @@ class ScoreFunction(SurrogateEstimator):
                 return {k: copy(v) for k, v in x.items()}
             return x
 
-        return copy(self._state)
+        out = copy(self._state)
+        if self._sites:
+            out[SITES_KEY] = copy(self._sites)
+        if self._learned:
+            out[LEARNED_KEY] = {k: v.state_dict() for k, v in self._learned.items()}
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not self.stateful and state:
             raise ValueError(f"baseline={self.baseline!r} has no state; got keys {sorted(state)}")
+        state = dict(state)
+        sites = state.pop(SITES_KEY, {})
+        learned = state.pop(LEARNED_KEY, {})
         self._state = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in state.items()}
+        self._sites = {k: dict(v) for k, v in sites.items()}
+        self._learned = {}
+        for name, s in learned.items():
+            self._learned[name] = _Learned.from_state_dict(s, self.network, self.lr)
 
     def reset(self) -> None:
         """Forget the baseline state (the next ``estimate`` warms up again)."""
         self._state = {}
         self._oracle = None
+        self._sites = {}
+        self._learned = {}
+
+    # -- per-site baselines in Pyro programs ------------------------------------------------
+
+    def site_baseline(
+        self,
+        name: str,
+        cost: Tensor,
+        event_dim: int,
+        *,
+        others: Tensor | None = None,
+        baseline_input: Tensor | None = None,
+    ) -> Tensor | float:
+        """The baseline for the units of site ``name``, from state built on earlier steps.
+
+        ``cost``: the site's cost per element with singleton event dims appended (what each
+        unit is credited with). ``others``: for ``leave_one_out``, the mean cost of the other
+        samples, same shape. Returns something broadcastable to the site's units.
+        """
+        if self.baseline == "none":
+            return 0.0
+        if self.baseline == "leave_one_out":
+            if others is None:
+                raise ValueError(
+                    f"site {name!r}: baseline='leave_one_out' needs several samples; use "
+                    "num_particles >= 2 (vectorize_particles=True in an ELBO)"
+                )
+            return others
+        if self.baseline == "learned":
+            return self._learned_for(name, baseline_input, cost).predict(baseline_input, event_dim)
+        if self.mode == "oracle":
+            raise ValueError(
+                f"site {name!r}: mode='oracle' needs an enumerable objective (estimate()); "
+                "in a Pyro program use mode='online'"
+            )
+        s = self._sites.get(name)
+        if s is None:
+            return 0.0
+        if self.baseline == "moving_average":
+            return _fitted(s["mean"], cost.shape)
+        ratio = s["num"] / s["den"].clamp_min(torch.finfo(s["den"].dtype).tiny)
+        return _fitted(ratio, torch.broadcast_shapes(cost.shape, ratio.shape))
+
+    def site_update(
+        self,
+        name: str,
+        samples: list[tuple[float | Tensor, Tensor, Tensor, Tensor, Tensor | None]],
+        event_dim: int,
+        sample_dim: int | None = None,
+    ) -> None:
+        """Fold this step's samples into the site's state -- after they have used it.
+
+        ``samples``: ``(weight, cost, hard, probs, baseline_input)`` per sample, weights summing
+        to 1 (particles and enumerated configurations); ``cost`` as in :meth:`site_baseline`,
+        ``hard`` and ``probs`` the units' values and probabilities. ``sample_dim``: a dim of
+        these tensors that holds vectorised particles, averaged out of the state.
+        """
+        if not self.stateful:
+            return
+        if self.baseline == "learned":
+            fit = [(w, c, x) for w, c, _, _, x in samples]
+            self._learned_for(name, samples[0][4], samples[0][1]).fit(fit, event_dim)
+            return
+
+        def avg(x: Tensor) -> Tensor:
+            return x.mean(sample_dim, keepdim=True) if sample_dim is not None else x
+
+        beta = self.decay
+        with torch.no_grad():
+            new: dict[str, Tensor]
+            if self.baseline == "moving_average":
+                new = {"mean": _weighted_sum([(w, avg(c)) for w, c, _, _, _ in samples])}
+            else:
+                sq = [(w, c, (h - p) ** 2) for w, c, h, p, _ in samples]
+                new = {
+                    "num": _weighted_sum([(w, avg(q * c)) for w, c, q in sq]),
+                    "den": _weighted_sum([(w, avg(q)) for w, _, q in sq]),
+                }
+            old = self._sites.get(name)
+            if old is None:
+                if self.baseline == "moving_average" and self.init == "zero":
+                    new = {k: (1 - beta) * v for k, v in new.items()}
+                self._sites[name] = new
+                return
+            self._sites[name] = {
+                k: beta * (old[k] if old[k].shape == v.shape else _fitted(old[k], v.shape))
+                + (1 - beta) * v
+                for k, v in new.items()
+            }
+
+    def _learned_for(self, name: str, baseline_input: Tensor | None, like: Tensor) -> _Learned:
+        """The site's baseline module, built on first use with ``like``'s dtype and device."""
+        if name not in self._learned:
+            self._learned[name] = _Learned.build(name, self.network, baseline_input, self.lr, like)
+        return self._learned[name]
+
+
+def _weighted_sum(terms: list[tuple[float | Tensor, Tensor]]) -> Tensor:
+    total = terms[0][0] * terms[0][1]
+    for w, x in terms[1:]:
+        total = total + w * x
+    return total
+
+
+def _fitted(state: Tensor, shape: torch.Size) -> Tensor:
+    """``state`` if it broadcasts to ``shape``, else its mean (a plate changed size)."""
+    if state.shape == shape:
+        return state
+    try:
+        if torch.broadcast_shapes(state.shape, shape) == tuple(shape):
+            return state
+    except RuntimeError:
+        pass
+    return state.mean()
+
+
+class _Constant(torch.nn.Module):
+    """A learned scalar: the baseline when there is no input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor | None = None) -> Tensor:
+        return self.value
+
+
+class _Learned:
+    """A baseline network of a site, and the optimiser that fits it by squared error."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, kind: str):
+        self.module, self.kind, self.lr = module, kind, lr
+        self.optim = torch.optim.Adam(module.parameters(), lr=lr)
+        self.fitted = False
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        network: torch.nn.Module | None,
+        x: Tensor | None,
+        lr: float,
+        like: Tensor,
+    ) -> _Learned:
+        if network is not None:
+            if x is None:
+                raise ValueError(
+                    f"site {name!r}: baseline='learned' with a network needs an input; give "
+                    "the site infer={'baseline_input': x} (or use network=None for a learned "
+                    "constant)"
+                )
+            return cls(network, lr, "network")
+        if x is None:
+            return cls(_Constant().to(device=like.device, dtype=like.dtype), lr, "constant")
+        linear = torch.nn.Linear(x.shape[-1], 1).to(device=x.device, dtype=x.dtype)
+        torch.nn.init.zeros_(linear.weight)
+        torch.nn.init.zeros_(linear.bias)
+        return cls(linear, lr, f"linear:{x.shape[-1]}")
+
+    def predict(self, x: Tensor | None, event_dim: int) -> Tensor:
+        """``f(x)`` detached, with the input's feature dim replaced by ``event_dim`` ones."""
+        with torch.no_grad():
+            return self._forward(x, event_dim)
+
+    def _forward(self, x: Tensor | None, event_dim: int) -> Tensor:
+        if self.kind == "constant":
+            return self.module()
+        if x is None:
+            raise ValueError("this learned baseline was built with an input; the site gave none")
+        out = self.module(x.detach())
+        if out.dim() >= 1 and out.shape[-1] == 1:
+            out = out.squeeze(-1)
+        return out.reshape(out.shape + (1,) * event_dim)
+
+    def fit(self, samples: list[tuple[float | Tensor, Tensor, Tensor | None]], event_dim: int):
+        """One optimiser step on ``sum_s w_s mean (cost_s - f(x_s))^2``.
+
+        The built-in modules start from the first batch's mean cost (their bias), so the
+        baseline is useful from the second step on.
+        """
+        if not self.fitted and self.kind != "network":
+            with torch.no_grad():
+                mean = sum(w * c.detach().mean() for w, c, _ in samples)
+                bias = self.module.value if self.kind == "constant" else self.module.bias
+                bias.fill_(float(mean))  # type: ignore[operator, union-attr]
+        self.fitted = True
+        with torch.enable_grad():
+            loss = sum(
+                w * ((c.detach() - self._forward(x, event_dim)) ** 2).mean() for w, c, x in samples
+            )
+            self.optim.zero_grad()
+            loss.backward()  # type: ignore[union-attr]
+            self.optim.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy (later steps do not change it)."""
+        return copy.deepcopy(
+            {
+                "kind": self.kind,
+                "module": self.module.state_dict(),
+                "optim": self.optim.state_dict(),
+            }
+        )
+
+    @classmethod
+    def from_state_dict(
+        cls, state: Mapping[str, Any], network: torch.nn.Module | None, lr: float
+    ) -> _Learned:
+        kind = state["kind"]
+        if kind == "network":
+            if network is None:
+                raise ValueError("state holds a learned network but this estimator has none")
+            module: torch.nn.Module = network
+        elif kind == "constant":
+            module = _Constant()
+        else:
+            module = torch.nn.Linear(int(kind.split(":")[1]), 1)
+        if kind != "network":  # built-in modules take the saved tensors' dtype and device
+            first = next(iter(state["module"].values()))
+            module = module.to(device=first.device, dtype=first.dtype)
+        module.load_state_dict(state["module"])
+        out = cls(module, lr, kind)
+        out.optim.load_state_dict(state["optim"])
+        out.fitted = True
+        return out
 
 
 def oracle_optimal_baseline(objective: Any) -> dict[str, Tensor]:

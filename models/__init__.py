@@ -14,6 +14,7 @@ from typing import Any
 from .base import StochasticObjective
 from .sbn import SBN
 from .toy import Toy
+from .vae import BernoulliVAE, TrainConfig
 
 _MODELS: dict[str, type[StochasticObjective]] = {"toy": Toy, "sbn": SBN}
 
@@ -44,4 +45,13 @@ def get(name: str, **options: Any) -> StochasticObjective:
     return cls(**options)
 
 
-__all__ = ["SBN", "StochasticObjective", "Toy", "available", "get", "lookup"]
+__all__ = [
+    "SBN",
+    "BernoulliVAE",
+    "StochasticObjective",
+    "Toy",
+    "TrainConfig",
+    "available",
+    "get",
+    "lookup",
+]

@@ -243,3 +243,27 @@ def test_progress_reports_every_draw_once(name):
     estimators.get(name).estimate(obj, 23, seed=0, chunk_size=5, progress=seen.append)
     expected = [5, 5, 5, 5, 3] if name != "exact" else [5, 5, 5, 5, 3]
     assert seen == expected
+
+
+def test_learned_constant_baseline_follows_the_objective_dtype():
+    """The learned constant lives in the objective's dtype (no silent rounding to float32)."""
+    obj = models.get("toy", dim=5, dtype=torch.float64)
+    est = estimators.get("score_function", baseline="learned", warmup_draws=200)
+    est.estimate(obj, 10, seed=0)
+    module = est.state_dict()["__learned__"]["b"]["module"]
+    assert module and all(t.dtype == torch.float64 for t in _tensors(module))
+    clone = estimators.get("score_function", baseline="learned")
+    clone.load_state_dict(est.state_dict())
+    module = clone.state_dict()["__learned__"]["b"]["module"]
+    assert all(t.dtype == torch.float64 for t in _tensors(module))
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)

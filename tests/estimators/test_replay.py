@@ -286,9 +286,9 @@ class HandScoreFunction:
         return g
 
     def learned(self, i):
-        """Site ``i``'s learned constant (a float32 scalar from 0) and its Adam optimiser."""
+        """Site ``i``'s learned constant (objective dtype, float64 here) and its Adam."""
         if ("learned", i) not in self.state:
-            value = torch.zeros((), dtype=torch.float32, requires_grad=True)
+            value = torch.zeros((), dtype=torch.float64, requires_grad=True)
             self.state[("learned", i)] = (value, torch.optim.Adam([value], lr=self.lr))
             self.state[("fitted", i)] = False
         return self.state[("learned", i)]

@@ -1,0 +1,385 @@
+"""An ELBO that honours per-site estimator annotations, for ``pyro.infer.SVI``.
+
+    elbo = EstimatorELBO(num_particles=1, vectorize_particles=False, max_plate_nesting=inf)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=elbo)
+
+A latent Bernoulli site annotated ``infer={"estimator": ...}`` (in the guide, or in the model
+for a site the guide does not sample; or through
+:func:`~stochgrad.estimators.handlers.estimator_config`) gets its gradient from that estimator;
+every other site behaves exactly as under Pyro's ``TraceGraph_ELBO`` (pathwise for
+reparameterised sites, score function with downstream costs and Pyro's ``infer["baseline"]``
+options for the rest).
+
+Objective: ``ELBO = E_q[log p(x, z) - log q(z)]``, per particle. The cost a unit of an
+annotated guide site is credited with is ``L = -(log p - log q)`` summed over every site and
+reduced to the unit's plates (the per-plate Rao-Blackwellisation of ``Trace_ELBO``). Per kind
+(see :mod:`stochgrad.estimators.sites`):
+
+- ``score_function``: ``(L - b) d log q(h)`` per unit plus ``d log p`` with ``h`` held fixed --
+  with no baseline this is ``Trace_ELBO``'s surrogate term for the site, exactly;
+- ``straight_through``, ``sts``, ``noisy_rectifier``: the value carries the rule's gradient
+  into ``log p(x, h) - log q(h)`` (``sts``/``noisy_rectifier`` values lie outside {0, 1}: the
+  densities are evaluated at them without support validation; biased, by design);
+- ``node_perturbation``, ``spsa``, ``finite_difference``: the guide and model are re-run with
+  the same random numbers at perturbed pre-activations; ``g_a`` is chain-ruled through ``a``;
+- ``exact``: ``sum_c q(c) [log p - log q](c)`` over every joint configuration ``c`` of the
+  exact units (one guide+model run each) -- equal to ``TraceEnum_ELBO`` with the same sites
+  enumerated in the guide.
+
+Model-only annotated sites (latent in the model, absent from the guide) are treated as if the
+guide sampled them from the prior: ``log p(h | ...) - log q(h | ...)`` cancels and is left out
+of the ELBO, and the estimator carries the gradient of the prior's parameters.
+
+Requires: Bernoulli annotated sites; for ``exact`` and the perturbation estimators, sites and
+shapes that do not depend on the sampled values. ``leave_one_out`` baselines need
+``num_particles >= 2``. Bias: that of each site's estimator.
+
+References: Ranganath, Gerrish & Blei (2014), "Black box variational inference"; Schulman et
+al. (2015), "Gradient estimation using stochastic computation graphs"; Mnih & Gregor (2014);
+Bengio, Leonard & Courville (2013), arXiv:1308.3432.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import is_identically_zero
+from pyro.infer.elbo import ELBO
+from pyro.infer.tracegraph_elbo import _construct_baseline
+from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_backward
+from pyro.ops.provenance import detach_provenance, get_provenance
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_model_guide_match, check_site_shape
+from torch import Tensor
+
+from .score_function import ScoreFunction
+from .sites import (
+    Run,
+    SiteRecord,
+    SiteRuleMessenger,
+    TrackUnannotated,
+    exact_log_weight,
+    exact_tables,
+    max_exact_sites,
+    perturbation_plans,
+    rng_state,
+    set_rng_state,
+)
+
+PARTICLE_PLATE = "num_particles_vectorized"
+
+
+class _Execution:
+    """The guide, then the model replayed against it, under the site rules."""
+
+    def __init__(self, elbo: EstimatorELBO, model: Callable, guide: Callable, args, kwargs, run):
+        grun, mrun = run
+        with TrackUnannotated(grun, mrun):
+            guide_trace = poutine.trace(
+                SiteRuleMessenger(grun)(guide), graph_type="dense"
+            ).get_trace(*args, **kwargs)
+            mrun.skip = dict(grun.records)
+            mrun.guide_sites = set(guide_trace.nodes)
+            # inside replay: the rules see the model's own annotations before replay copies
+            # the guide's infer dicts over them
+            model_trace = poutine.trace(
+                poutine.replay(SiteRuleMessenger(mrun)(model), trace=guide_trace)
+            ).get_trace(*args, **kwargs)
+        self.guide_records: dict[str, SiteRecord] = dict(grun.records)
+        self.model_records: dict[str, SiteRecord] = dict(mrun.records)
+        if is_validation_enabled():
+            checked = model_trace
+            if self.model_records:
+                checked = model_trace.copy()
+                for name in self.model_records:
+                    checked.remove_node(name)
+            check_model_guide_match(checked, guide_trace, elbo.max_plate_nesting)
+        guide_trace = _without_subsample_sites(guide_trace)
+        model_trace = _without_subsample_sites(model_trace)
+        model_trace.compute_log_prob()
+        guide_trace.compute_score_parts()
+        if is_validation_enabled():
+            for tr in (model_trace, guide_trace):
+                for site in tr.nodes.values():
+                    if site["type"] == "sample":
+                        check_site_shape(site, elbo.max_plate_nesting)
+        self.model_trace, self.guide_trace = model_trace, guide_trace
+        self.tables = grun.table
+        self.records = {**self.guide_records, **self.model_records}
+        self.log_weight = exact_log_weight(self.records.values())
+        # log r = log p - log q per plate frame set (detached), and the ELBO value
+        self.log_r = MultiFrameTensor()
+        elbo_value: Tensor | float = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and name not in self.model_records:
+                self.log_r.add((site["cond_indep_stack"], detach_provenance(site["log_prob"])))
+                elbo_value = elbo_value + detach_provenance(site["log_prob_sum"])
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample":
+                self.log_r.add((site["cond_indep_stack"], -detach_provenance(site["log_prob"])))
+                elbo_value = elbo_value - detach_provenance(site["log_prob_sum"])
+        self.elbo = torch.as_tensor(elbo_value)
+        self.perturbed: list[tuple[Any, list[tuple[float, dict, MultiFrameTensor]], dict]] = []
+        self._site_costs: dict[str, Tensor] = {}
+
+    def site_cost(self, record: SiteRecord, log_r: MultiFrameTensor | None = None) -> Tensor:
+        """``L = -log r`` summed to the site's plates, event dims appended (detached)."""
+        if log_r is None:
+            if record.name not in self._site_costs:
+                self._site_costs[record.name] = self.site_cost(record, self.log_r)
+            return self._site_costs[record.name]
+        cost = -log_r.sum_to(record.frames)
+        if not isinstance(cost, Tensor):
+            cost = torch.as_tensor(cost, dtype=record.logits.dtype, device=record.logits.device)
+        return record.units(detach_provenance(cost).detach())
+
+    def surrogate_elbo(self) -> tuple[Tensor | float, Tensor | float]:
+        """Pathwise terms and Pyro's own treatment of unannotated sites (``TraceGraph_ELBO``).
+
+        Returns ``(surrogate ELBO, baseline loss)``.
+        """
+        surrogate: Tensor | float = 0.0
+        baseline_loss: Tensor | float = 0.0
+        downstream: dict[str, MultiFrameTensor] = defaultdict(MultiFrameTensor)
+        for name, site in self.model_trace.nodes.items():
+            if site["type"] != "sample" or name in self.model_records:
+                continue
+            surrogate = surrogate + site["log_prob_sum"]
+            for key in get_provenance(site["log_prob_sum"]):
+                downstream[key].add((site["cond_indep_stack"], site["log_prob"]))
+        for name, site in self.guide_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            record = self.guide_records.get(name)
+            if record is None:
+                entropy = site["score_parts"].entropy_term
+                if not is_identically_zero(entropy):
+                    surrogate = surrogate - entropy.sum()
+            elif record.kind != "score":
+                surrogate = surrogate - site["log_prob_sum"]
+            for key in get_provenance(site["log_prob_sum"]):
+                downstream[key].add((site["cond_indep_stack"], -site["log_prob"]))
+        for node, cost in downstream.items():
+            if node not in self.guide_trace.nodes or node in self.records:
+                continue
+            guide_site = self.guide_trace.nodes[node]
+            cost = cost.sum_to(guide_site["cond_indep_stack"])
+            use_baseline, loss_term, baseline = _construct_baseline(node, guide_site, cost)
+            if use_baseline:
+                cost = cost - baseline
+                baseline_loss = baseline_loss + loss_term
+            surrogate = surrogate + (guide_site["score_parts"].score_function * cost.detach()).sum()
+        return _plain(surrogate), _plain(baseline_loss)
+
+
+class EstimatorELBO(ELBO):
+    """``pyro.infer.ELBO`` whose gradient honours ``infer={"estimator": ...}`` per site.
+
+    Arguments as :class:`pyro.infer.ELBO` (``num_particles``, ``max_plate_nesting``,
+    ``vectorize_particles``, ...), plus ``update``: fold each ``loss_and_grads`` /
+    ``differentiable_loss`` call into the stateful baselines of the annotated estimators.
+    """
+
+    def __init__(self, *args: Any, update: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.update = bool(update)
+
+    # -- the ELBO interface -------------------------------------------------------------------
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """An estimate of ``-ELBO`` (exact over ``exact`` sites); no gradient, no state change."""
+        with torch.no_grad():
+            loss, _ = self._loss_and_surrogate(model, guide, args, kwargs, grads=False)
+        value = float(loss)
+        _warn_if_nan(value)
+        return value
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """``-ELBO`` estimate; backpropagates the surrogate into the parameters' ``.grad``."""
+        loss, surrogate = self._loss_and_surrogate(model, guide, args, kwargs, grads=True)
+        torch_backward(surrogate, retain_graph=self.retain_graph)
+        value = float(loss)
+        _warn_if_nan(value)
+        return value
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any):
+        """A tensor with the value of ``-ELBO`` and the gradient of the chosen estimators."""
+        loss, surrogate = self._loss_and_surrogate(model, guide, args, kwargs, grads=True)
+        loss = torch.as_tensor(loss)
+        if not isinstance(surrogate, Tensor):
+            return loss
+        return loss + (surrogate - surrogate.detach())
+
+    def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict):
+        """One ``(model_trace, guide_trace)`` pair under the site rules."""
+        e = _Execution(self, model, guide, args, kwargs, (Run(), Run()))
+        return e.model_trace, e.guide_trace
+
+    # -- the computation --------------------------------------------------------------------
+
+    def _loss_and_surrogate(self, model, guide, args, kwargs, grads: bool):
+        if self.vectorize_particles:
+            if self.max_plate_nesting == float("inf"):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            model = self._vectorized_num_particles(model)
+            guide = self._vectorized_num_particles(guide)
+            count = 1
+        else:
+            count = self.num_particles
+        particles = [self._particle(model, guide, args, kwargs, grads) for _ in range(count)]
+        weights = [
+            [torch.exp(e.log_weight) if isinstance(e.log_weight, Tensor) else 1.0 for e in runs]
+            for runs in particles
+        ]
+        loss: Tensor | float = 0.0
+        for runs, ws in zip(particles, weights):
+            for e, w in zip(runs, ws):
+                loss = loss - _detach(w) * e.elbo.detach()
+        loss = loss / self.num_particles
+        if not grads:
+            return loss, None
+
+        site_costs = self._weighted_site_costs(particles, weights) if count > 1 else []
+        surrogate: Tensor | float = 0.0
+        updates: dict[tuple[int, str], tuple[ScoreFunction, SiteRecord, list, int | None]] = {}
+        for i, (runs, ws) in enumerate(zip(particles, weights)):
+            for e, w in zip(runs, ws):
+                surrogate_elbo, baseline_loss = e.surrogate_elbo()
+                s = -surrogate_elbo + baseline_loss
+                for r in e.records.values():
+                    if r.kind == "score":
+                        s = s + self._score_term(i, e, r, w, site_costs, count, updates)
+                s = s + _perturbation_terms(e)
+                surrogate = surrogate + _detach(w) * s - w * e.elbo.detach()
+        surrogate = surrogate / self.num_particles
+        if self.update:
+            for est, r, samples, sample_dim in updates.values():
+                est.site_update(r.name, samples, r.event_dim, sample_dim)
+        return loss, surrogate
+
+    def _score_term(self, i, e, r, w, site_costs, count, updates) -> Tensor:
+        est = r.estimator
+        assert isinstance(est, ScoreFunction)
+        cost = e.site_cost(r)
+        sample_dim = _particle_dim(r)
+        others = None
+        if sample_dim is not None and cost.shape[sample_dim] > 1:
+            n = cost.shape[sample_dim]
+            others = (cost.sum(sample_dim, keepdim=True) - cost) / (n - 1)
+        elif count > 1:
+            others = sum(site_costs[j][r.name] for j in range(count) if j != i) / (count - 1)
+        b = est.site_baseline(
+            r.name, cost, r.event_dim, others=others, baseline_input=r.baseline_input
+        )
+        probs = torch.sigmoid(r.logits.detach())
+        sample = (_detach(w) / count, cost, r.hard, probs, r.baseline_input)
+        updates.setdefault((id(est), r.name), (est, r, [], sample_dim))[2].append(sample)
+        return (r.log_q() * r.unit_mask() * (cost - b).detach()).sum()
+
+    @staticmethod
+    def _weighted_site_costs(particles, weights) -> list[dict[str, Tensor]]:
+        out = []
+        for runs, ws in zip(particles, weights):
+            acc: dict[str, Tensor] = {}
+            for e, w in zip(runs, ws):
+                for name, r in e.records.items():
+                    if r.kind == "score":
+                        c = _detach(w) * e.site_cost(r)
+                        acc[name] = acc[name] + c if name in acc else c
+            out.append(acc)
+        return out
+
+    def _particle(self, model, guide, args, kwargs, grads: bool) -> list[_Execution]:
+        start = rng_state()
+        base = _Execution(self, model, guide, args, kwargs, (Run(), Run()))
+        after = rng_state()
+        runs = [base]
+        records = base.records.values()
+        if any(r.kind == "exact" for r in records):
+            tables = exact_tables(records, max_exact_sites(records))
+            for table in tables[1:]:
+                set_rng_state(start)
+                runs.append(
+                    _Execution(
+                        self, model, guide, args, kwargs, (Run(table=table), Run(table=table))
+                    )
+                )
+            base.tables = tables[0]
+        set_rng_state(after)
+        if grads and any(r.kind == "perturbation" for e in runs for r in e.records.values()):
+            # directions come from their own generator, seeded from the stream after the run
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+            after = rng_state()
+            for e in runs:
+                for est, plan, dirs in perturbation_plans(e.records.values(), generator):
+                    done = []
+                    for coef, offsets in plan:
+                        set_rng_state(start)
+                        with torch.no_grad():
+                            rerun = _Execution(
+                                self,
+                                model,
+                                guide,
+                                args,
+                                kwargs,
+                                (
+                                    Run(table=e.tables, perturb=offsets),
+                                    Run(table=e.tables, perturb=offsets),
+                                ),
+                            )
+                        done.append((coef, offsets, rerun.log_r))
+                    e.perturbed.append((est, done, dirs))
+        set_rng_state(after)
+        return runs
+
+
+def _without_subsample_sites(trace: Any) -> Any:
+    """``prune_subsample_sites``, copying the trace only when there is something to prune."""
+    if any(site_is_subsample(site) for site in trace.nodes.values()):
+        return prune_subsample_sites(trace)
+    return trace
+
+
+def _particle_dim(record: SiteRecord) -> int | None:
+    """The dim of the site's unit tensors holding vectorised particles, if any."""
+    for f in record.frames:
+        if f.name == PARTICLE_PLATE and f.vectorized:
+            return f.dim - record.event_dim
+    return None
+
+
+def _plain(x: Tensor | float) -> Tensor | float:
+    return detach_provenance(x) if isinstance(x, Tensor) else x
+
+
+def _warn_if_nan(value: float) -> None:
+    if math.isnan(value):
+        warnings.warn("Encountered NaN: loss", stacklevel=3)
+
+
+def _detach(w: Tensor | float) -> Tensor | float:
+    return w.detach() if isinstance(w, Tensor) else w
+
+
+def _perturbation_terms(e: _Execution) -> Tensor | float:
+    """``sum_a a * g_a`` with ``g_a = sum_j coef_j (L_j - L) w_j`` (detached), loss sign."""
+    total: Tensor | float = 0.0
+    for _, done, dirs in e.perturbed:
+        for name, r in e.records.items():
+            g: Tensor | float = 0.0
+            base = e.site_cost(r)
+            for j, (coef, offsets, log_r) in enumerate(done):
+                if name in offsets:
+                    g = g + coef * (e.site_cost(r, log_r) - base) * dirs[f"{j}:{name}"]
+            if isinstance(g, Tensor):
+                total = total + (r.logits * (g * r.unit_mask()).detach()).sum()
+    return total
+
+
+__all__ = ["EstimatorELBO"]

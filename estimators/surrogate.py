@@ -1,0 +1,393 @@
+"""A surrogate loss for a Pyro program that returns a cost: ``.backward()`` leaves the estimate.
+
+API::
+
+    surrogate_loss(fn, *args, **kwargs) -> Tensor
+    Surrogate(num_particles=1, update=True).loss(fn, *args, **kwargs) -> Tensor
+    Surrogate(...).run(fn, *args, **kwargs) -> SurrogateResult(loss, cost, value, trace)
+    forward_gradient(fn, params, "spsa" | "finite_difference" | obj, *args, **kwargs) -> Tensor
+
+``fn(*args, **kwargs)`` is a Pyro program whose stochastic neurons are ``pyro.sample``
+Bernoulli sites and which returns its cost ``L`` (or a tuple whose first element is the
+cost; the whole return value is kept in ``SurrogateResult.value``). The returned scalar has
+the *value* of the cost (summed over its elements, averaged over particles) and the
+*gradient* of the chosen estimators::
+
+    import pyro, pyro.distributions as dist, torch
+    from stochgrad.estimators.surrogate import surrogate_loss
+
+    def program(x, y):
+        a = gater(x)                                            # (batch, units) pre-activations
+        with pyro.plate("data", x.shape[0]):
+            g = pyro.sample("gates", dist.Bernoulli(logits=a).to_event(1),
+                            infer={"estimator": "straight_through"})
+            return torch.nn.functional.cross_entropy(head(g * experts(x)), y,
+                                                     reduction="none")      # (batch,)
+
+    optimizer.zero_grad()
+    loss = surrogate_loss(program, x, y)
+    loss.backward()          # .grad of every parameter now holds the estimate of dE[L]/dtheta
+    optimizer.step()
+
+The cost may be a scalar or have plate dims (above: one cost per example inside
+``pyro.plate("data")``); a unit is then credited only with the costs of the plate slices it
+belongs to -- the per-plate Rao-Blackwellisation of Pyro's ``Trace_ELBO``.
+
+Per site, with ``a`` the unit's pre-activation and ``L`` its cost (identities in
+:mod:`stochgrad.estimators.sites`):
+
+- unannotated: Pyro's default -- pathwise through ``rsample`` where the distribution has one,
+  otherwise the plain score function ``L * d log q(h)`` (as ``Trace_ELBO``; no baseline);
+- ``score_function``: ``(L - b) * d log q(h)`` with the estimator's baseline (state kept per
+  site in the estimator object, updated after use; ``leave_one_out`` needs
+  ``num_particles >= 2``; ``learned`` reads ``infer={"baseline_input": x}``);
+- ``straight_through`` / ``sts`` / ``noisy_rectifier``: the unit's value with its gradient;
+- ``node_perturbation`` / ``spsa`` / ``finite_difference``: re-runs of the program with the same
+  random numbers and perturbed pre-activations, ``g_a`` chain-ruled into the parameters;
+- ``exact``: one run per joint configuration of all exact units, weighted by ``q(config)``.
+
+Randomness: per particle, one integer is drawn from torch's generator (the seed of any
+perturbation directions), then the program runs on the generator as usual; re-runs restore
+the generator so that they see the same random numbers.
+
+Requires: the program's sites and shapes do not depend on the sampled values when it is re-run
+(perturbation and exact estimators re-run it), and it draws its randomness from torch's
+generator. Bias: that of each site's estimator (none for ``score_function`` and ``exact``).
+
+References: Bengio, Leonard & Courville (2013), arXiv:1308.3432; Schulman et al. (2015),
+"Gradient estimation using stochastic computation graphs" (surrogate losses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import is_identically_zero
+from pyro.poutine.trace_struct import Trace
+from torch import Tensor
+
+from .base import check_positive_int
+from .score_function import ScoreFunction
+from .sites import (
+    Run,
+    SiteRecord,
+    SiteRuleMessenger,
+    exact_log_weight,
+    exact_tables,
+    max_exact_sites,
+    perturbation_plans,
+    rng_state,
+    set_rng_state,
+)
+
+
+@dataclass
+class SurrogateResult:
+    """``loss``: backpropagate it; ``cost``: its value (detached); ``value``, ``trace``: the
+    program's return value and Pyro trace of the first run."""
+
+    loss: Tensor
+    cost: Tensor
+    value: Any
+    trace: Trace
+
+
+def reduce_cost(cost: Tensor, record: SiteRecord) -> Tensor:
+    """The part of ``cost`` a site's elements can influence: sum over the other plates' dims.
+
+    Returns a detached tensor with the site's batch dims (sizes 1 where the cost has none),
+    event dims appended as singletons.
+    """
+    batch = record.logits.shape[: record.logits.dim() - record.event_dim]
+    out = _sum_to_frames(cost, record.frames)
+    for d in range(-out.dim(), 0):
+        if out.shape[d] != 1 and (-d > len(batch) or batch[d] not in (1, out.shape[d])):
+            frame = next(f for f in record.frames if f.dim == d)
+            raise ValueError(
+                f"site {record.name!r}: the cost has size {out.shape[d]} at dim {d}, where plate "
+                f"{frame.name!r} has size {frame.size}; the cost's dims must be plate dims"
+            )
+    return record.units(out)
+
+
+def _sum_to_frames(cost: Tensor, frames: tuple) -> Tensor:
+    """Sum ``cost`` (detached) over every dim that is not one of ``frames``' plate dims."""
+    keep = {f.dim for f in frames if f.vectorized}
+    out = cost.detach()
+    for d in range(-out.dim(), 0):
+        if d not in keep and out.shape[d] != 1:
+            out = out.sum(d, keepdim=True)
+    while out.dim() > 0 and out.shape[0] == 1:
+        out = out.squeeze(0)
+    return out
+
+
+class _Execution:
+    """A run of the program: its cost, return value, trace and site records."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, run: Run):
+        self.run = run
+        self.trace = poutine.trace(SiteRuleMessenger(run)(fn)).get_trace(*args, **kwargs)
+        self.value = self.trace.nodes["_RETURN"]["value"]
+        cost = self.value[0] if isinstance(self.value, tuple) else self.value
+        if not isinstance(cost, Tensor):
+            raise TypeError(
+                f"the program must return its cost as a Tensor (or a tuple starting with it); "
+                f"got {type(cost).__name__}"
+            )
+        if not cost.is_floating_point():
+            raise TypeError(f"the program's cost must be a floating tensor, got {cost.dtype}")
+        self.cost = cost
+        self.records = run.records
+        self.log_weight: Tensor | float = exact_log_weight(self.records.values())
+        # perturbation re-runs: (estimator, [(coef, offsets, cost)], directions)
+        self.perturbed: list[tuple[Any, list[tuple[float, dict[str, Tensor], Tensor]], dict]] = []
+
+
+class Surrogate:
+    """Surrogate losses for cost-returning Pyro programs (see the module docstring).
+
+    ``num_particles``: independent runs averaged (``leave_one_out`` baselines use the others).
+    ``update``: fold each call into stateful baselines (turn off for evaluation).
+    """
+
+    def __init__(self, num_particles: int = 1, update: bool = True):
+        self.num_particles = check_positive_int("num_particles", num_particles)
+        self.update = bool(update)
+
+    def loss(self, fn: Callable, *args: Any, **kwargs: Any) -> Tensor:
+        return self.run(fn, *args, **kwargs).loss
+
+    def run(self, fn: Callable, *args: Any, **kwargs: Any) -> SurrogateResult:
+        particles = [self._particle(fn, args, kwargs) for _ in range(self.num_particles)]
+        k = self.num_particles
+        weights = [
+            [torch.exp(e.log_weight) if isinstance(e.log_weight, Tensor) else 1.0 for e in runs]
+            for runs in particles
+        ]
+        # per particle and site: the q-weighted cost, for leave-one-out baselines
+        site_costs: list[dict[str, Tensor]] = []
+        for runs, ws in zip(particles, weights):
+            acc: dict[str, Tensor] = {}
+            for e, w in zip(runs, ws):
+                for name, r in e.records.items():
+                    if r.kind == "score":
+                        c = _detach(w) * reduce_cost(e.cost, r)
+                        acc[name] = acc[name] + c if name in acc else c
+            site_costs.append(acc)
+
+        value: Tensor | float = 0.0
+        surrogate: Tensor | float = 0.0
+        updates: dict[tuple[int, str], tuple[ScoreFunction, SiteRecord, list]] = {}
+        for i, (runs, ws) in enumerate(zip(particles, weights)):
+            for e, w in zip(runs, ws):
+                total = e.cost.sum()
+                s = total + _stock_score_terms(e)
+                for name, r in e.records.items():
+                    if r.kind == "score":
+                        est = r.estimator
+                        assert isinstance(est, ScoreFunction)
+                        cost_u = reduce_cost(e.cost, r)
+                        others: Tensor | None = None
+                        if k > 1:
+                            rest = [site_costs[j][name] for j in range(k) if j != i]
+                            others = torch.stack(rest).sum(0) / (k - 1)
+                        b = est.site_baseline(
+                            name,
+                            cost_u,
+                            r.event_dim,
+                            others=others,
+                            baseline_input=r.baseline_input,
+                        )
+                        s = s + (r.log_q() * r.unit_mask() * (cost_u - b).detach()).sum()
+                        key = (id(est), name)
+                        probs = torch.sigmoid(r.logits.detach())
+                        sample = (_detach(w) / k, cost_u, r.hard, probs, r.baseline_input)
+                        updates.setdefault(key, (est, r, []))[2].append(sample)
+                s = s + _perturbation_terms(e)
+                value = value + _detach(w) * total.detach()
+                surrogate = surrogate + _detach(w) * s + w * total.detach()
+        value = value / k
+        surrogate = surrogate / k
+        if self.update:
+            for est, r, samples in updates.values():
+                est.site_update(r.name, samples, r.event_dim)
+        assert isinstance(value, Tensor) and isinstance(surrogate, Tensor)
+        loss = value + (surrogate - surrogate.detach())
+        first = particles[0][0]
+        return SurrogateResult(loss=loss, cost=value.detach(), value=first.value, trace=first.trace)
+
+    def _particle(self, fn: Callable, args: tuple, kwargs: dict) -> list[_Execution]:
+        # The stream, per particle: one integer (the seed of the perturbation directions,
+        # drawn whether or not they are needed), then the program's own draws.
+        seed = int(torch.randint(0, 2**62, ()).item())
+        start = rng_state()
+        base = _Execution(fn, args, kwargs, Run())
+        after = rng_state()
+        runs = [base]
+        if any(r.kind == "exact" for r in base.records.values()):
+            tables = exact_tables(base.records.values(), max_exact_sites(base.records.values()))
+            for table in tables[1:]:
+                set_rng_state(start)
+                runs.append(_Execution(fn, args, kwargs, Run(table=table)))
+            base.run.table = tables[0]
+        generator = torch.Generator().manual_seed(seed)
+        for e in runs:
+            for est, plan, dirs in perturbation_plans(e.records.values(), generator):
+                done = []
+                for coef, offsets in plan:
+                    set_rng_state(start)
+                    with torch.no_grad():
+                        rerun = _Execution(
+                            fn, args, kwargs, Run(table=e.run.table, perturb=offsets)
+                        )
+                    done.append((coef, offsets, rerun.cost.detach()))
+                e.perturbed.append((est, done, dirs))
+        set_rng_state(after)
+        return runs
+
+
+def _detach(w: Tensor | float) -> Tensor | float:
+    return w.detach() if isinstance(w, Tensor) else w
+
+
+def _stock_score_terms(e: _Execution) -> Tensor | float:
+    """``L * score`` for unannotated non-reparameterised latent sites (as ``Trace_ELBO``)."""
+    total: Tensor | float = 0.0
+    for name, site in e.trace.nodes.items():
+        if (
+            site["type"] != "sample"
+            or site["is_observed"]
+            or name in e.records
+            or type(site["fn"]).__name__ == "_Subsample"
+        ):
+            continue
+        if getattr(site["fn"], "has_rsample", False):
+            continue  # reparameterised: pathwise through rsample, no score term
+        fn: Any = site["fn"]
+        parts = fn.score_parts(site["value"], *site["args"], **site["kwargs"])
+        if is_identically_zero(parts.score_function):
+            continue
+        cost = _sum_to_frames(e.cost, tuple(site["cond_indep_stack"]))
+        total = total + (parts.score_function * cost).sum()
+    return total
+
+
+def _perturbation_terms(e: _Execution) -> Tensor | float:
+    """``sum_a a * g_a`` with ``g_a = sum_j coef_j (L_j - L) w_j`` (detached)."""
+    total: Tensor | float = 0.0
+    for _, done, dirs in e.perturbed:
+        for name, r in e.records.items():
+            g: Tensor | float = 0.0
+            for j, (coef, offsets, cost) in enumerate(done):
+                if name not in offsets:
+                    continue
+                diff = reduce_cost(cost - e.cost.detach(), r)
+                g = g + coef * diff * dirs[f"{j}:{name}"]
+            if isinstance(g, Tensor):
+                total = total + (r.logits * (g * r.unit_mask()).detach()).sum()
+    return total
+
+
+def forward_gradient(
+    fn: Callable, params: Iterable[Tensor], estimator: Any, *args: Any, **kwargs: Any
+) -> Tensor:
+    """Forward-only gradient estimate of the program's cost, accumulated into ``p.grad``.
+
+    Re-runs ``fn(*args, **kwargs)`` at perturbed values of ``params`` (the network weights,
+    not the units' pre-activations), every run with the same random numbers (the torch
+    generator is restored), and no backward pass:
+
+    - ``spsa``: ``g = mean_j [L(theta + c D_j) - L(theta - c D_j)] D_j / (2c)``, ``D_j`` with
+      independent +-1 entries, ``2 * num_pairs`` runs (Spall 1992);
+    - ``finite_difference``: ``g_i = [L(theta + eps e_i) - L(theta - eps e_i)] / (2 eps)``,
+      ``2 P`` runs for ``P`` coordinates.
+
+    ``L`` is the program's cost summed. Sample sites are drawn as Pyro's defaults (annotations
+    play no part: no gradient flows through anything). Returns the mean cost over the runs.
+
+    Requires: a program whose randomness comes from torch's generator. Bias: O(c^2) (O(eps^2))
+    for smooth expected costs; unbiased only as the step goes to 0.
+    """
+    from .finite_difference import FiniteDifference
+    from .registry import get
+    from .spsa import SPSA
+
+    est = get(estimator)
+    params = list(params)
+    if not isinstance(est, (SPSA, FiniteDifference)):
+        raise ValueError(
+            f"forward_gradient needs 'spsa' or 'finite_difference', got {est.name!r}; other "
+            "estimators act at the sample sites (annotate them and use surrogate_loss)"
+        )
+    if not params or not all(isinstance(p, Tensor) for p in params):
+        raise TypeError("params must be a non-empty iterable of tensors (e.g. model.parameters())")
+
+    start = rng_state()
+
+    def cost() -> Tensor:
+        set_rng_state(start)
+        value = fn(*args, **kwargs)
+        value = value[0] if isinstance(value, tuple) else value
+        if not isinstance(value, Tensor):
+            raise TypeError(f"the program must return its cost as a Tensor, got {type(value)}")
+        return value.detach().sum()
+
+    total: Tensor | float = 0.0
+    runs = 0
+    with torch.no_grad():
+        after: dict[str, Any] | None = None
+        if isinstance(est, SPSA):
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+            start = rng_state()
+            grads = [torch.zeros_like(p) for p in params]
+            for _ in range(est.num_pairs):
+                deltas = [
+                    (2 * torch.randint(0, 2, p.shape, generator=generator) - 1).to(p)
+                    for p in params
+                ]
+                for p, d in zip(params, deltas):
+                    p.add_(est.c * d)
+                plus = cost()
+                after = after or rng_state()
+                for p, d in zip(params, deltas):
+                    p.sub_(2 * est.c * d)
+                minus = cost()
+                for p, d in zip(params, deltas):
+                    p.add_(est.c * d)
+                for g, d in zip(grads, deltas):
+                    g.add_((plus - minus) * d / (2 * est.c * est.num_pairs))
+                total, runs = total + plus + minus, runs + 2
+        else:
+            grads = []
+            for p in params:
+                g = torch.zeros_like(p)
+                flat_p, flat_g = p.view(-1), g.view(-1)
+                for i in range(flat_p.numel()):
+                    flat_p[i] += est.eps
+                    plus = cost()
+                    after = after or rng_state()
+                    flat_p[i] -= 2 * est.eps
+                    minus = cost()
+                    flat_p[i] += est.eps
+                    flat_g[i] = (plus - minus) / (2 * est.eps)
+                    total, runs = total + plus + minus, runs + 2
+                grads.append(g)
+        if after is not None:
+            set_rng_state(after)
+    for p, g in zip(params, grads):
+        p.grad = g if p.grad is None else p.grad + g
+    assert isinstance(total, Tensor)
+    return total / runs
+
+
+def surrogate_loss(fn: Callable, *args: Any, **kwargs: Any) -> Tensor:
+    """One-particle surrogate of the cost ``fn(*args, **kwargs)`` (see the module docstring)."""
+    return Surrogate().loss(fn, *args, **kwargs)
+
+
+__all__ = ["Surrogate", "SurrogateResult", "forward_gradient", "reduce_cost", "surrogate_loss"]
