@@ -335,7 +335,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             c = est.cost(toy)
             cost = f"{float(c.evals):g} evals, {float(c.backwards):g} backward"
         except (ValueError, TypeError, NotImplementedError) as e:
-            cost = f"n/a ({_first_line(str(e))[:40]})"
+            cost = f"n/a ({_first_line(str(e))[:60]})"
         desc = _first_line(getattr(cls, "description", "") or cls.__doc__)
         opts = ", ".join(cls.option_names())
         rows.append((name, str(est.unbiased), cost, desc, opts))

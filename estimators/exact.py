@@ -118,7 +118,10 @@ class Exact(Estimator):
         self.max_sites = max_sites
 
     def cost(self, objective: Any) -> Cost:
-        return Cost(evals=float(2 ** count_units(objective)), backwards=1.0)
+        n = count_units(objective)
+        if n > self.max_sites:
+            enumerate_model(objective, self.max_sites)  # raises the explanatory ValueError
+        return Cost(evals=float(2**n), backwards=1.0)
 
     def default_chunk_size(self, objective: Any) -> int:
         return 2**62  # one chunk: the gradient is computed once
