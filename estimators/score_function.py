@@ -39,8 +39,10 @@ estimator has no state yet; after that their state carries over between calls.
 
 In a Pyro program (:mod:`stochgrad.estimators.elbo`, :mod:`stochgrad.estimators.surrogate`)
 the state is kept per site name in this object (:meth:`site_baseline`, :meth:`site_update`),
-with the shape of the site's cost (its plate dims; per unit for ``optimal``), never in Pyro's
-parameter store; ``state_dict()`` holds it under ``"__sites__"`` and ``"__learned__"``.
+never in Pyro's parameter store: ``moving_average`` keeps the shape of the site's cost (its
+plate dims, as Pyro's decaying-average baseline does); ``optimal`` keeps one value per unit
+(the site's event dims), averaged over plates and particles as in Eq. 10.
+``state_dict()`` holds it under ``"__sites__"`` and ``"__learned__"``.
 
 References: Bengio, Leonard & Courville (2013), arXiv:1308.3432, Sec. 3, Eq. 10;
 Williams (1992); Weaver & Tao (2001); Mnih & Gregor (2014), arXiv:1402.0030, Sec. 3.
@@ -306,7 +308,7 @@ class ScoreFunction(SurrogateEstimator):
         if self.baseline == "moving_average":
             return _fitted(s["mean"], cost.shape)
         ratio = s["num"] / s["den"].clamp_min(torch.finfo(s["den"].dtype).tiny)
-        return _fitted(ratio, torch.broadcast_shapes(cost.shape, ratio.shape))
+        return ratio  # (1, ..., 1, *units): one value per unit, broadcast over plates
 
     def site_update(
         self,
@@ -338,10 +340,16 @@ class ScoreFunction(SurrogateEstimator):
             if self.baseline == "moving_average":
                 new = {"mean": _weighted_sum([(w, avg(c)) for w, c, _, _, _ in samples])}
             else:
+                # Eq. 10 per unit: average over every batch dim (particles, plates), keep
+                # the units, so the state does not depend on the batch size.
+                def per_unit(x: Tensor) -> Tensor:
+                    dims = tuple(range(x.dim() - event_dim))
+                    return x.mean(dims, keepdim=True) if dims else x
+
                 sq = [(w, c, (h - p) ** 2) for w, c, h, p, _ in samples]
                 new = {
-                    "num": _weighted_sum([(w, avg(q * c)) for w, c, q in sq]),
-                    "den": _weighted_sum([(w, avg(q)) for w, _, q in sq]),
+                    "num": _weighted_sum([(w, per_unit(q * c)) for w, c, q in sq]),
+                    "den": _weighted_sum([(w, per_unit(q)) for w, _, q in sq]),
                 }
             old = self._sites.get(name)
             if old is None:
