@@ -15,23 +15,12 @@ Bias: none, and no variance: every draw returns the same (exact) gradient.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import (
-    Cost,
-    Estimator,
-    Rng,
-    Site,
-    check_objective,
-    check_positive_int,
-    grads_or_zeros,
-    run_model,
-    site_units,
-)
+from .base import Cost, Estimator, Rng, Site, grads_or_zeros, run_model, site_units
 from .registry import register
 from .score_function import bernoulli_log_prob
 
@@ -125,21 +114,6 @@ class Exact(Estimator):
 
     def default_chunk_size(self, objective: Any) -> int:
         return 2**62  # one chunk: the gradient is computed once
-
-    def estimate(
-        self,
-        objective: Any,
-        num_draws: int,
-        seed: int | None = None,
-        chunk_size: int | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> dict[str, Tensor]:
-        # Check the size before anything else so the error is the enumeration limit.
-        check_positive_int("num_draws", num_draws)
-        check_objective(objective)
-        if count_units(objective) > self.max_sites:
-            enumerate_model(objective, self.max_sites)  # raises the explanatory ValueError
-        return super().estimate(objective, num_draws, seed, chunk_size, progress)
 
     def _draw(self, objective: Any, draws: int, rng: Rng) -> dict[str, Tensor]:
         g = enumerate_grad(objective, self.max_sites)
