@@ -4,8 +4,9 @@ Builds a wheel from a copy of the source tree (no network, the build backend fro
 current environment), installs it with ``--no-deps`` into a new venv, and runs the checks in a
 subprocess whose working directory is a scratch folder (so the repository's own top-level
 folders cannot be imported by accident). Third-party dependencies (torch, pyro, ...) come from
-the current environment's site-packages, put on ``PYTHONPATH`` (which does not run its
-``.pth`` files, so an editable install of this project there stays invisible).
+the current environment's site-packages, appended to the new venv's path after its own
+site-packages, so the installed copy is the one imported even when the current environment
+has stochgrad installed too.
 """
 
 from __future__ import annotations
@@ -78,8 +79,17 @@ def installed(tmp_path_factory):
             str(wheel),
         ]
     )
-    env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"], OMP_NUM_THREADS="1")
-    env.pop("PYTHONHOME", None)
+    # Third-party packages come from this environment, appended *after* the new venv's own
+    # site-packages by a .pth line, so the freshly installed stochgrad always wins (and a
+    # .pth line does not run the .pth files of the folder it adds, so an editable install
+    # of this project there stays invisible).
+    purelib = run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    ).stdout.strip()
+    Path(purelib, "_outer_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("PYTHONHOME", "PYTHONPATH"):
+        env.pop(key, None)
     scratch = tmp / "elsewhere"
     scratch.mkdir()
     return {"wheel": wheel, "venv": venv, "python": python, "env": env, "cwd": scratch}
