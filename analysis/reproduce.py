@@ -420,6 +420,7 @@ def plot_valid_curves(epochs: pd.DataFrame, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
 
     frame = epochs.assign(
         valid=100 * epochs["valid_error"],
@@ -430,7 +431,7 @@ def plot_valid_curves(epochs: pd.DataFrame, path: Path) -> Path:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation error (%)")
     ax.set_yscale("log")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Conditional computation on MNIST: validation error (mean ± sd over seeds)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
