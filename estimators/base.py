@@ -138,7 +138,9 @@ def bernoulli_logits(name: str, fn: Distribution, estimator: str) -> Tensor:
             + "; choose a different estimator for this site or make it Bernoulli"
         )
     logits = base.logits.expand(fn.batch_shape + fn.event_shape)
-    if not torch.isfinite(logits).all():
+    # a finite sum implies finite terms (an inf or nan term makes the sum inf or nan); only
+    # when the sum is not finite (or overflows) are the terms checked one by one
+    if not math.isfinite(float(logits.detach().sum())) and not torch.isfinite(logits).all():
         bad = int((~torch.isfinite(logits)).sum())
         raise ValueError(
             f"site {name!r}: {bad} of {logits.numel()} logits are not finite (nan or inf); "
@@ -198,7 +200,13 @@ def run_model(
 
 def hard_sample(logits: Tensor, u: Tensor) -> Tensor:
     """``h = 1[u < sigmoid(a)]`` as a float tensor (P(h=1) = sigmoid(a))."""
-    return (u < torch.sigmoid(logits)).to(logits.dtype)
+    return below(u, torch.sigmoid(logits), logits.dtype)
+
+
+def below(u: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(u < p).to(dtype)``, the comparison written straight into a ``dtype`` tensor."""
+    shape = u.shape if u.shape == p.shape else torch.broadcast_shapes(u.shape, p.shape)
+    return torch.lt(u, p, out=torch.empty(shape, dtype=dtype, device=p.device))
 
 
 def hard_rule(uniforms: Uniforms) -> Rule:

@@ -45,7 +45,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pyro.poutine as poutine
 import torch
@@ -53,7 +53,8 @@ from pyro.distributions.util import is_identically_zero
 from pyro.infer.elbo import ELBO
 from pyro.infer.tracegraph_elbo import _construct_baseline
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_backward
-from pyro.ops.provenance import detach_provenance, get_provenance
+from pyro.ops.provenance import detach_provenance as _detach_provenance
+from pyro.ops.provenance import get_provenance as _get_provenance
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 from torch import Tensor
@@ -78,11 +79,21 @@ PARTICLE_PLATE = "num_particles_vectorized"
 class _Execution:
     """The guide, then the model replayed against it, under the site rules."""
 
-    def __init__(self, elbo: EstimatorELBO, model: Callable, guide: Callable, args, kwargs, run):
+    def __init__(
+        self,
+        elbo: EstimatorELBO,
+        model: Callable,
+        guide: Callable,
+        args,
+        kwargs,
+        run,
+        graph_type: Literal["flat", "dense"] = "flat",
+    ):
         grun, mrun = run
         with TrackUnannotated(grun, mrun):
+            # the guide trace's edges are not used here; ``_get_trace`` asks for "dense"
             guide_trace = poutine.trace(
-                SiteRuleMessenger(grun)(guide), graph_type="dense"
+                SiteRuleMessenger(grun)(guide), graph_type=graph_type
             ).get_trace(*args, **kwargs)
             mrun.skip = dict(grun.records)
             mrun.guide_sites = set(guide_trace.nodes)
@@ -114,16 +125,16 @@ class _Execution:
         self.records = {**self.guide_records, **self.model_records}
         self.log_weight = exact_log_weight(self.records.values())
         # log r = log p - log q per plate frame set (detached), and the ELBO value
-        self.log_r = MultiFrameTensor()
+        self.log_r: MultiFrameTensor = _LogR()
         elbo_value: Tensor | float = 0.0
         for name, site in model_trace.nodes.items():
             if site["type"] == "sample" and name not in self.model_records:
-                self.log_r.add((site["cond_indep_stack"], detach_provenance(site["log_prob"])))
-                elbo_value = elbo_value + detach_provenance(site["log_prob_sum"])
+                self.log_r.add((site["cond_indep_stack"], _unprovenanced(site["log_prob"])))
+                elbo_value = elbo_value + _unprovenanced(site["log_prob_sum"])
         for site in guide_trace.nodes.values():
             if site["type"] == "sample":
-                self.log_r.add((site["cond_indep_stack"], -detach_provenance(site["log_prob"])))
-                elbo_value = elbo_value - detach_provenance(site["log_prob_sum"])
+                self.log_r.add((site["cond_indep_stack"], -_unprovenanced(site["log_prob"])))
+                elbo_value = elbo_value - _unprovenanced(site["log_prob_sum"])
         self.elbo = torch.as_tensor(elbo_value)
         self.perturbed: list[tuple[Any, list[tuple[float, dict, MultiFrameTensor]], dict]] = []
         self._site_costs: dict[str, Tensor] = {}
@@ -137,7 +148,7 @@ class _Execution:
         cost = -log_r.sum_to(record.frames)
         if not isinstance(cost, Tensor):
             cost = torch.as_tensor(cost, dtype=record.logits.dtype, device=record.logits.device)
-        return record.units(detach_provenance(cost).detach())
+        return record.units(_unprovenanced(cost).detach())
 
     def surrogate_elbo(self) -> tuple[Tensor | float, Tensor | float]:
         """Pathwise terms and Pyro's own treatment of unannotated sites (``TraceGraph_ELBO``).
@@ -151,7 +162,7 @@ class _Execution:
             if site["type"] != "sample" or name in self.model_records:
                 continue
             surrogate = surrogate + site["log_prob_sum"]
-            for key in get_provenance(site["log_prob_sum"]):
+            for key in _provenance(site["log_prob_sum"]):
                 downstream[key].add((site["cond_indep_stack"], site["log_prob"]))
         for name, site in self.guide_trace.nodes.items():
             if site["type"] != "sample":
@@ -163,7 +174,7 @@ class _Execution:
                     surrogate = surrogate - entropy.sum()
             elif record.kind != "score":
                 surrogate = surrogate - site["log_prob_sum"]
-            for key in get_provenance(site["log_prob_sum"]):
+            for key in _provenance(site["log_prob_sum"]):
                 downstream[key].add((site["cond_indep_stack"], -site["log_prob"]))
         for node, cost in downstream.items():
             if node not in self.guide_trace.nodes or node in self.records:
@@ -218,7 +229,7 @@ class EstimatorELBO(ELBO):
 
     def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict):
         """One ``(model_trace, guide_trace)`` pair under the site rules."""
-        e = _Execution(self, model, guide, args, kwargs, (Run(), Run()))
+        e = _Execution(self, model, guide, args, kwargs, (Run(), Run()), graph_type="dense")
         return e.model_trace, e.guide_trace
 
     # -- the computation --------------------------------------------------------------------
@@ -240,8 +251,9 @@ class EstimatorELBO(ELBO):
         loss: Tensor | float = 0.0
         for runs, ws in zip(particles, weights):
             for e, w in zip(runs, ws):
-                loss = loss - _detach(w) * e.elbo.detach()
-        loss = loss / self.num_particles
+                loss = loss - _times(_detach(w), e.elbo.detach())
+        if self.num_particles != 1:
+            loss = loss / self.num_particles
         if not grads:
             return loss, None
 
@@ -251,13 +263,14 @@ class EstimatorELBO(ELBO):
         for i, (runs, ws) in enumerate(zip(particles, weights)):
             for e, w in zip(runs, ws):
                 surrogate_elbo, baseline_loss = e.surrogate_elbo()
-                s = -surrogate_elbo + baseline_loss
+                s = _plus(-surrogate_elbo, baseline_loss)
                 for r in e.records.values():
                     if r.kind == "score":
                         s = s + self._score_term(i, e, r, w, site_costs, count, updates)
-                s = s + _perturbation_terms(e)
-                surrogate = surrogate + _detach(w) * s - w * e.elbo.detach()
-        surrogate = surrogate / self.num_particles
+                s = _plus(s, _perturbation_terms(e))
+                surrogate = surrogate + _times(_detach(w), s) - _times(w, e.elbo.detach())
+        if self.num_particles != 1:
+            surrogate = surrogate / self.num_particles
         if self.update:
             for est, r, samples, sample_dim in updates.values():
                 est.site_update(r.name, samples, r.event_dim, sample_dim)
@@ -277,10 +290,10 @@ class EstimatorELBO(ELBO):
         b = est.site_baseline(
             r.name, cost, r.event_dim, others=others, baseline_input=r.baseline_input
         )
-        probs = torch.sigmoid(r.logits.detach())
+        probs = r.probs if r.probs is not None else torch.sigmoid(r.logits.detach())
         sample = (_detach(w) / count, cost, r.hard, probs, r.baseline_input)
         updates.setdefault((id(est), r.name), (est, r, [], sample_dim))[2].append(sample)
-        return (r.log_q() * r.unit_mask() * (cost - b).detach()).sum()
+        return (_times(r.unit_mask(), r.log_q()) * (cost - b).detach()).sum()
 
     @staticmethod
     def _weighted_site_costs(particles, weights) -> list[dict[str, Tensor]]:
@@ -298,9 +311,11 @@ class EstimatorELBO(ELBO):
     def _particle(self, model, guide, args, kwargs, grads: bool) -> list[_Execution]:
         start = rng_state()
         base = _Execution(self, model, guide, args, kwargs, (Run(), Run()))
-        after = rng_state()
         runs = [base]
         records = base.records.values()
+        if not any(r.kind in ("exact", "perturbation") for r in records):
+            return runs  # no re-runs: the generator is where the base run left it
+        after = rng_state()
         if any(r.kind == "exact" for r in records):
             tables = exact_tables(records, max_exact_sites(records))
             for table in tables[1:]:
@@ -339,6 +354,30 @@ class EstimatorELBO(ELBO):
         return runs
 
 
+class _LogR(MultiFrameTensor):
+    """A ``MultiFrameTensor`` whose ``add`` compares plate frames by their keys once.
+
+    Same keys, same additions in the same order; only the repeated comparisons of
+    ``CondIndepStackFrame``s (each computing its key) in the dict lookups are avoided.
+    """
+
+    def __init__(self, *items: Any):
+        self._by_key: dict[frozenset, frozenset] = {}
+        super().__init__(*items)
+
+    def add(self, *items: Any) -> None:
+        for cond_indep_stack, value in items:
+            vectorized = [f for f in cond_indep_stack if f.vectorized]
+            assert all(f.dim < 0 and -value.dim() <= f.dim for f in vectorized)
+            key = frozenset(f._key() for f in vectorized)
+            frames = self._by_key.get(key)
+            if frames is None:
+                frames = self._by_key[key] = frozenset(vectorized)
+                self[frames] = value
+            else:
+                self[frames] = self[frames] + value
+
+
 def _without_subsample_sites(trace: Any) -> Any:
     """``prune_subsample_sites``, copying the trace only when there is something to prune."""
     if any(site_is_subsample(site) for site in trace.nodes.values()):
@@ -354,8 +393,18 @@ def _particle_dim(record: SiteRecord) -> int | None:
     return None
 
 
+def _unprovenanced(x: Any) -> Any:
+    """``detach_provenance``; a plain tensor (the common case) carries none, as is."""
+    return x if type(x) is Tensor else _detach_provenance(x)
+
+
+def _provenance(x: Any) -> frozenset:
+    """``get_provenance``; a plain tensor (the common case) carries none."""
+    return frozenset() if type(x) is Tensor else _get_provenance(x)
+
+
 def _plain(x: Tensor | float) -> Tensor | float:
-    return detach_provenance(x) if isinstance(x, Tensor) else x
+    return _unprovenanced(x) if isinstance(x, Tensor) else x
 
 
 def _warn_if_nan(value: float) -> None:
@@ -365,6 +414,20 @@ def _warn_if_nan(value: float) -> None:
 
 def _detach(w: Tensor | float) -> Tensor | float:
     return w.detach() if isinstance(w, Tensor) else w
+
+
+def _times(w: Tensor | float, x: Any) -> Any:
+    """``w * x``, skipping the multiplication by a plain ``1.0`` (same numbers)."""
+    if not isinstance(w, Tensor) and w == 1.0:
+        return x
+    return w * x
+
+
+def _plus(x: Tensor | float, y: Tensor | float) -> Tensor | float:
+    """``x + y``, skipping the addition of a plain ``0.0`` (same gradient)."""
+    if not isinstance(y, Tensor) and y == 0.0:
+        return x
+    return x + y
 
 
 def _perturbation_terms(e: _Execution) -> Tensor | float:

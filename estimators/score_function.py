@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.functional import logsigmoid
+from torch.nn.functional import softplus
 
 from .base import (
     Rule,
@@ -78,8 +78,8 @@ LEARNED_KEY = "__learned__"
 
 
 def bernoulli_log_prob(logits: Tensor, value: Tensor) -> Tensor:
-    """Elementwise ``log q(h)`` of ``Bern(sigmoid(a))`` (differentiable in ``a``)."""
-    return value * logsigmoid(logits) + (1 - value) * logsigmoid(-logits)
+    """Elementwise ``log q(h) = h a - softplus(a)`` of ``Bern(sigmoid(a))`` (differentiable)."""
+    return value * logits - softplus(logits)
 
 
 @register

@@ -54,7 +54,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from torch import Tensor
 
-from .base import Estimator, bernoulli_logits, hard_sample
+from .base import Estimator, below, bernoulli_logits, hard_sample
 from .exact import Exact
 from .finite_difference import FiniteDifference
 from .handlers import ESTIMATOR_KEY, annotatable, effective_annotation, resolve_estimator
@@ -106,6 +106,7 @@ class SiteRecord:
     mask: Tensor | None
     baseline_input: Tensor | None
     extra: dict[str, Tensor] = field(default_factory=dict)
+    probs: Tensor | None = None  # sigmoid of the detached logits, where the rule computed it
 
     def log_q(self) -> Tensor:
         """``log q(h)`` per unit (unscaled, unmasked), differentiable in the logits."""
@@ -148,6 +149,10 @@ class Run:
     def handled(self) -> set[str]:
         return set(self.records) | set(self.skip)
 
+    def handles(self, name: str) -> bool:
+        """``name in self.handled``, without building the set."""
+        return name in self.records or name in self.skip
+
 
 class _ConditionalUniforms:
     """Uniforms for one site; given a hard value ``h``, drawn so that ``1[u < p] = h``."""
@@ -161,6 +166,12 @@ class _ConditionalUniforms:
             return u
         p = self.probs.expand(shape)
         return torch.where(self.hard.expand(shape) > 0, u * p, p + u * (1 - p))
+
+
+def _positive(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(x.detach() > 0).to(dtype)``, the comparison written straight into a ``dtype`` tensor."""
+    x = x.detach()
+    return torch.gt(x, 0, out=torch.empty(x.shape, dtype=dtype, device=x.device))
 
 
 def without_validation(fn: Any) -> Any:
@@ -208,6 +219,8 @@ class SiteRuleMessenger(Messenger):
         logits = bernoulli_logits(name, fn, est.name)
         given = msg["value"]
         extra: dict[str, Tensor] = {}
+        probs: Tensor | None = None
+        hard: Tensor | None = None
         if kind == "exact":
             if run.table is None:
                 value = torch.zeros_like(logits.detach())
@@ -221,7 +234,7 @@ class SiteRuleMessenger(Messenger):
             hard = value
         else:
             probs = torch.sigmoid(logits.detach())
-            given_hard = None if given is None else (given.detach() > 0).to(logits.dtype)
+            given_hard = None if given is None else _positive(given, logits.dtype)
             uniforms = _ConditionalUniforms(probs, given_hard)
             if kind == "perturbation":
                 u = uniforms(name, logits.shape, logits.dtype)
@@ -229,9 +242,17 @@ class SiteRuleMessenger(Messenger):
                 shifted = logits.detach() if offset is None else logits.detach() + offset
                 value = hard_sample(shifted, u)
                 extra = {"u": u}
+            elif kind == "score" and getattr(type(est), "rule", None) is ScoreFunction.rule:
+                # ScoreFunction.rule with ``probs`` (= sigmoid of the detached logits) reused:
+                # the same numbers; the value is already hard (in {0, 1}, no gradient)
+                u = uniforms(name, logits.shape, logits.dtype)
+                value = below(u, probs, logits.dtype)
+                extra = {"log_prob": bernoulli_log_prob(logits, value)}
+                hard = value
             else:
                 value, extra = est.rule(uniforms)(name, logits)  # type: ignore[attr-defined]
-            hard = (value.detach() > 0).to(logits.dtype)
+            if hard is None:
+                hard = _positive(value, logits.dtype)
         if kind == "unit":
             msg["fn"] = without_validation(fn)
         msg["value"] = value
@@ -247,6 +268,7 @@ class SiteRuleMessenger(Messenger):
             mask=msg["mask"] if isinstance(msg["mask"], Tensor) else None,
             baseline_input=msg["infer"].get(BASELINE_INPUT_KEY),
             extra=extra,
+            probs=probs,
         )
 
     def _postprocess_message(self, message: Message) -> None:
@@ -275,10 +297,20 @@ class TrackUnannotated(TrackNonReparam):
         super().__init__()
         self.runs = runs
 
+    # direct dispatch: only sample sites are tracked (nothing happens before a site)
+    def _process_message(self, message: Message) -> None:
+        pass
+
+    def _postprocess_message(self, message: Message) -> None:
+        if message["type"] == "sample":
+            self._pyro_post_sample(message)
+
     def _pyro_post_sample(self, message: Message) -> None:
         msg: Any = message
-        if any(msg["name"] in run.handled for run in self.runs):
-            return
+        name = msg["name"]
+        for run in self.runs:
+            if run.handles(name):
+                return
         super()._pyro_post_sample(msg)
 
 
