@@ -68,7 +68,7 @@ from .sites import (
     exact_log_weight,
     exact_tables,
     max_exact_sites,
-    perturbation_plans,
+    perturbed_reruns,
     rng_state,
     set_rng_state,
 )
@@ -332,24 +332,12 @@ class EstimatorELBO(ELBO):
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
             after = rng_state()
             for e in runs:
-                for est, plan, dirs in perturbation_plans(e.records.values(), generator):
-                    done = []
-                    for coef, offsets in plan:
-                        set_rng_state(start)
-                        with torch.no_grad():
-                            rerun = _Execution(
-                                self,
-                                model,
-                                guide,
-                                args,
-                                kwargs,
-                                (
-                                    Run(table=e.tables, perturb=offsets),
-                                    Run(table=e.tables, perturb=offsets),
-                                ),
-                            )
-                        done.append((coef, offsets, rerun.log_r))
-                    e.perturbed.append((est, done, dirs))
+
+                def log_r(offsets: dict[str, Tensor], tables: Any = e.tables) -> Any:
+                    runs_ = (Run(table=tables, perturb=offsets), Run(table=tables, perturb=offsets))
+                    return _Execution(self, model, guide, args, kwargs, runs_).log_r
+
+                e.perturbed.extend(perturbed_reruns(e.records.values(), generator, start, log_r))
         set_rng_state(after)
         return runs
 

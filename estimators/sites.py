@@ -381,6 +381,29 @@ def max_exact_sites(records: Iterable[SiteRecord]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def perturbed_reruns(
+    records: Iterable[SiteRecord],
+    generator: torch.Generator,
+    start: Mapping[str, Any],
+    rerun: Any,
+) -> list[tuple[Estimator, list[tuple[float, dict[str, Tensor], Any]], dict[str, Tensor]]]:
+    """Run every planned perturbation of these sites, each from the random state ``start``.
+
+    ``rerun(offsets)`` executes the program once with the pre-activation ``offsets`` and
+    returns what the caller needs of it (a cost, a log-ratio); it runs without gradients.
+    Returns ``[(estimator, [(coef, offsets, rerun(offsets))...], directions)]``.
+    """
+    out = []
+    for est, plan, dirs in perturbation_plans(records, generator):
+        done = []
+        for coef, offsets in plan:
+            set_rng_state(start)
+            with torch.no_grad():
+                done.append((coef, offsets, rerun(offsets)))
+        out.append((est, done, dirs))
+    return out
+
+
 def perturbation_plans(
     records: Iterable[SiteRecord], generator: torch.Generator
 ) -> list[tuple[Estimator, list[tuple[float, dict[str, Tensor]]], dict[str, Tensor]]]:

@@ -79,7 +79,7 @@ from .sites import (
     exact_log_weight,
     exact_tables,
     max_exact_sites,
-    perturbation_plans,
+    perturbed_reruns,
     rng_state,
     set_rng_state,
 )
@@ -237,16 +237,11 @@ class Surrogate:
             base.run.table = tables[0]
         generator = torch.Generator().manual_seed(seed)
         for e in runs:
-            for est, plan, dirs in perturbation_plans(e.records.values(), generator):
-                done = []
-                for coef, offsets in plan:
-                    set_rng_state(start)
-                    with torch.no_grad():
-                        rerun = _Execution(
-                            fn, args, kwargs, Run(table=e.run.table, perturb=offsets)
-                        )
-                    done.append((coef, offsets, rerun.cost.detach()))
-                e.perturbed.append((est, done, dirs))
+
+            def cost(offsets: dict[str, Tensor], table: Any = e.run.table) -> Tensor:
+                return _Execution(fn, args, kwargs, Run(table=table, perturb=offsets)).cost.detach()
+
+            e.perturbed.extend(perturbed_reruns(e.records.values(), generator, start, cost))
         set_rng_state(after)
         return runs
 
