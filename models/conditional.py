@@ -40,6 +40,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pyro
@@ -75,6 +76,7 @@ __all__ = [
     "gater_macs",
     "make_optimizer",
     "max_norm_",
+    "save_atomic",
     "sparse_expert_output",
     "train",
     "tune_on",
@@ -702,7 +704,8 @@ class TrainResult:
     validation set for the selected model (``None`` when gates are not thresholded);
     ``test_error_stochastic`` / ``test_density_stochastic`` the test error and gate density with
     the gates sampled as in training (one draw per example), a diagnostic of the deterministic
-    test-time rule.
+    test-time rule; ``test_error_top_k`` the test error with each example's own top 10% of
+    gates on (:func:`evaluate_top_k`; the same as ``test_error`` for untresholded gates).
     """
 
     best_epoch: int
@@ -716,6 +719,7 @@ class TrainResult:
     state_dict: dict[str, Tensor]
     test_error_stochastic: float = math.nan
     test_density_stochastic: float = math.nan
+    test_error_top_k: float = math.nan
 
 
 @torch.no_grad()
@@ -810,12 +814,21 @@ def make_optimizer(net: ConditionalNet, config: TrainConfig) -> torch.optim.SGD:
     )
 
 
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename (never half written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def train(
     net: ConditionalNet,
     data: Any,
     config: TrainConfig | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     description: str = "",
+    checkpoint: str | Path | None = None,
 ) -> TrainResult:
     """Train ``net`` on ``data`` (a :class:`stochgrad.models.data.Digits`) as in Sec. 6.
 
@@ -828,6 +841,14 @@ def train(
     Randomness: minibatch order from a generator seeded by ``config.seed``; gates and pre-gate
     noise from torch's global generator (seed it with ``torch.manual_seed`` for a reproducible
     run).
+
+    ``checkpoint``: a file written (atomically) after every epoch with everything the loop
+    needs to go on: the network, optimiser, sparsity controller and estimator state, both
+    random generators, the history and the best epoch so far. When the file exists, training
+    continues from it, so an interrupted run resumes exactly where it stopped (the same
+    numbers as an uninterrupted one) and a finished run can be extended to more epochs;
+    ``on_epoch`` is not called again for the epochs already in it. The caller makes sure the
+    file belongs to the same network, data and settings.
     """
     from tqdm.auto import tqdm
 
@@ -848,7 +869,21 @@ def train(
     steps = n // config.batch_size  # full minibatches only (drop_last)
     if steps == 0:
         raise ValueError(f"need at least batch_size={config.batch_size} training examples, got {n}")
-    for epoch in range(1, config.epochs + 1):
+    first = 1
+    if checkpoint is not None and Path(checkpoint).is_file():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["opt"])
+        if controller is not None:
+            controller.load_state_dict(saved["controller"])
+        if saved["estimator"] is not None:
+            net.estimator.load_state_dict(saved["estimator"])
+        order.set_state(saved["order"])
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        history, best, first = saved["history"], saved["best"], saved["epoch"] + 1
+    for epoch in range(first, config.epochs + 1):
         net.train()
         start = time.perf_counter()
         perm = torch.randperm(n, generator=order).to(device)
@@ -909,6 +944,22 @@ def train(
                 "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
                 "thr": threshold,
             }
+        if checkpoint is not None:
+            save_atomic(
+                {
+                    "epoch": epoch,
+                    "net": net.state_dict(),
+                    "opt": opt.state_dict(),
+                    "controller": controller.state_dict() if controller is not None else None,
+                    "estimator": getattr(net.estimator, "state_dict", lambda: None)(),
+                    "order": order.get_state(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "history": history,
+                    "best": best,
+                },
+                checkpoint,
+            )
     if "state" not in best:
         raise RuntimeError(f"training diverged in the first epoch (history: {history})")
     net.load_state_dict(best["state"])
@@ -916,6 +967,11 @@ def train(
     xt, yt = data.test.x.to(device), data.test.y.to(device)
     test_error, test_density = evaluate(net, xt, yt, best["thr"], config.eval_chunk)
     stochastic_error, stochastic_density = evaluate_stochastic(net, xt, yt, config.batch_size)
+    top_k_error = (
+        evaluate_top_k(net, xt, yt, config.density, config.eval_chunk)
+        if net.gate.thresholded
+        else test_error
+    )
     return TrainResult(
         best_epoch=int(best["epoch"]),
         train_criterion=best["train_criterion"],
@@ -928,4 +984,5 @@ def train(
         state_dict=best["state"],
         test_error_stochastic=stochastic_error,
         test_density_stochastic=stochastic_density,
+        test_error_top_k=top_k_error,
     )

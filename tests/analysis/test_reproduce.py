@@ -61,9 +61,24 @@ def test_fallback_run_writes_report_and_resumes(tmp_path, monkeypatch, capsys):
     after = json.loads((out / "runs" / "straight_through" / "seed0.json").read_text())
     assert after == before
 
-    # Other settings: nothing is reused.
+    # Fewer epochs: nothing is reused (selection must not see the later epochs).
     assert reproduce.main(_digits_args(tmp_path, epochs=1)) == 0
-    assert "already finished" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already finished" not in err and "resumes" not in err
+    assert len(pd.read_csv(out / "epochs.csv")) == 2 * 2 * 1
+
+    # More epochs: every run goes on from its last checkpoint instead of starting again.
+    assert reproduce.main(_digits_args(tmp_path, epochs=3)) == 0
+    assert capsys.readouterr().err.count("resumes after epoch 1") == 4
+    epochs = pd.read_csv(out / "epochs.csv")
+    assert sorted(epochs.groupby(["row", "seed"])["epoch"].apply(list).tolist()) == [[1, 2, 3]] * 4
+
+    # Another dataset or other settings: the checkpoints are not used.
+    args = _digits_args(tmp_path, epochs=3)
+    args[args.index("96")] = "64"
+    assert reproduce.main(args) == 0
+    err = capsys.readouterr().err
+    assert "resumes" not in err and err.count("has other settings, starting afresh") == 4
 
 
 def test_argument_errors():

@@ -385,12 +385,41 @@ def test_train_runs_and_selects_the_best_epoch(name):
     assert result.valid_error == result.history[best]["valid_error"]
     assert 0 <= result.test_error <= 1 and math.isfinite(result.train_criterion)
     assert 0 <= result.test_error_stochastic <= 1 and 0 < result.test_density_stochastic <= 1
+    test = _tiny_digits().test
+    top_k = evaluate_top_k(net, test.x, test.y)
+    if net.gate.thresholded:
+        assert result.test_error_top_k == top_k
+    else:
+        assert result.test_error_top_k == result.test_error
     if net.gate.thresholded:
         assert result.threshold is not None and 0 < result.test_density < 0.6
     else:
         assert result.threshold is None and result.test_density == 1.0
     for layer in (net.gater_hidden, net.gater_out, net.experts, net.output):
         assert float(layer.weight.detach().norm(dim=1).max()) <= 2.0 + 1e-5
+
+
+@pytest.mark.parametrize("name", ["straight_through", "sts", "sbn", "noisy_rectifier"])
+def test_interrupted_training_resumes_to_the_same_numbers(name, tmp_path):
+    """Two epochs, stop, then two more from the checkpoint == four epochs in one go."""
+    data, ckpt = _tiny_digits(), tmp_path / "run.ckpt"
+    config = TrainConfig(epochs=4, batch_size=8, progress=False)
+    whole = train(_net(name), data, config)
+    train(_net(name), data, TrainConfig(epochs=2, batch_size=8, progress=False), checkpoint=ckpt)
+    rows: list = []
+    resumed_net = _net(name, seed=123)  # its own initialisation is overwritten by the checkpoint
+    torch.manual_seed(999)  # as is the global generator
+    resumed = train(resumed_net, data, config, on_epoch=rows.append, checkpoint=ckpt)
+    assert [r["epoch"] for r in rows] == [3, 4]  # only the new epochs are reported
+    drop = ("seconds",)
+    strip = [{k: v for k, v in r.items() if k not in drop} for r in whole.history]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.history] == strip
+    assert (resumed.best_epoch, resumed.test_error) == (whole.best_epoch, whole.test_error)
+    for k, v in whole.state_dict.items():
+        assert torch.equal(resumed.state_dict[k], v), k
+    # A finished checkpoint asked for no more epochs trains nothing and gives the same result.
+    again = train(_net(name), data, config, on_epoch=rows.append, checkpoint=ckpt)
+    assert len(rows) == 2 and again.test_error == whole.test_error
 
 
 def test_optimizer_settings_follow_the_gate_type():
