@@ -361,7 +361,7 @@ def _train_one(
     print(
         f"reproduce: {row} seed {seed}: valid {100 * result.valid_error:.2f}% test "
         f"{100 * result.test_error:.2f}% density {result.test_density:.3f} "
-        f"(epoch {result.best_epoch}, {seconds:.0f}s)",
+        f"(epoch {result.best_epoch}, {seconds:.0f}s in this session)",
         file=sys.stderr,
     )
     return {
@@ -377,7 +377,7 @@ def _train_one(
         "test_error_stochastic": result.test_error_stochastic,
         "test_density_stochastic": result.test_density_stochastic,
         "test_error_top_k": result.test_error_top_k,
-        "seconds": seconds,
+        "seconds": sum(h["seconds"] for h in result.history),  # resumed sessions included
         "history": result.history,
         "key": key,
         "environment": environment(device),
@@ -549,7 +549,7 @@ def write_report(
     plot_valid_curves(epochs, out / "valid_curves.png")
     env = environment(device)
     seeds = sorted(results["seed"].unique().tolist())
-    minutes = results["seconds"].sum() / 60
+    minutes = epochs["seconds"].sum() / 60  # every epoch, across resumed sessions too
     source = (
         f"MNIST from `{data.path}`"
         if data.source == "mnist"
@@ -567,7 +567,7 @@ examples.
 
 Training: {config.epochs} epoch(s), minibatch {config.batch_size}, seeds {seeds}, device
 `{device}` ({env.get("device_name") or "?"}), torch {env.get("torch")}; total training time
-{minutes:.1f} min.
+(sum of the epochs, validation included) {minutes:.1f} min.
 
 ## Results
 

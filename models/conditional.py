@@ -829,6 +829,7 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     description: str = "",
     checkpoint: str | Path | None = None,
+    controller: SparsityController | None = None,
 ) -> TrainResult:
     """Train ``net`` on ``data`` (a :class:`stochgrad.models.data.Digits`) as in Sec. 6.
 
@@ -848,7 +849,8 @@ def train(
     continues from it, so an interrupted run resumes exactly where it stopped (the same
     numbers as an uninterrupted one) and a finished run can be extended to more epochs;
     ``on_epoch`` is not called again for the epochs already in it. The caller makes sure the
-    file belongs to the same network, data and settings.
+    file belongs to the same network, data and settings. ``controller``: a sparsity controller
+    to use instead of the paper's (built from the gate type's penalty and ``config.density``).
     """
     from tqdm.auto import tqdm
 
@@ -860,9 +862,8 @@ def train(
     if n == 0 or xv.shape[0] == 0:
         raise ValueError(f"need training and validation examples; got {n} and {xv.shape[0]}")
     opt = make_optimizer(net, config)
-    controller = (
-        SparsityController(net.gate.sparsity, target=config.density) if net.gate.sparsity else None
-    )
+    if controller is None and net.gate.sparsity:
+        controller = SparsityController(net.gate.sparsity, target=config.density)
     order = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"valid_error": math.inf}
@@ -874,7 +875,7 @@ def train(
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         net.load_state_dict(saved["net"])
         opt.load_state_dict(saved["opt"])
-        if controller is not None:
+        if controller is not None and saved["controller"] is not None:
             controller.load_state_dict(saved["controller"])
         if saved["estimator"] is not None:
             net.estimator.load_state_dict(saved["estimator"])

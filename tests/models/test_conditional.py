@@ -422,6 +422,17 @@ def test_interrupted_training_resumes_to_the_same_numbers(name, tmp_path):
     assert len(rows) == 2 and again.test_error == whole.test_error
 
 
+def test_train_uses_a_given_sparsity_controller():
+    controller = SparsityController("kl", start=0.5, high=0.5, low=0.5)  # λ pinned at 0.5
+    result = train(
+        _net("straight_through"),
+        _tiny_digits(),
+        TrainConfig(epochs=1, batch_size=8, progress=False),
+        controller=controller,
+    )
+    assert result.history[0]["lambda"] == 0.5  # the default controller starts at 1e-5
+
+
 def test_optimizer_settings_follow_the_gate_type():
     sbn = make_optimizer(_net("sbn"), TrainConfig())
     assert [g["lr"] for g in sbn.param_groups] == [0.001, 0.1]
