@@ -102,7 +102,9 @@ def main() -> None:
         start = time.perf_counter()
         result = cc.train(net, data, config, controller=controller, description=variant)
         tanh_sat, gate_sat = saturation(net, data.valid.x[:2000])
-        lines += [{"variant": variant, **h} for h in result.history]
+        lines += [
+            {"row": args.row, "variant": variant, "seed": args.seed, **h} for h in result.history
+        ]
         last = result.history[-1]
         summary.append(
             {
