@@ -705,7 +705,7 @@ class TrainResult:
     ``test_error_stochastic`` / ``test_density_stochastic`` the test error and gate density with
     the gates sampled as in training (one draw per example), a diagnostic of the deterministic
     test-time rule; ``test_error_top_k`` the test error with each example's own top 10% of
-    gates on (:func:`evaluate_top_k`; the same as ``test_error`` for untresholded gates).
+    gates on (:func:`evaluate_top_k`; the same as ``test_error`` for unthresholded gates).
     """
 
     best_epoch: int
