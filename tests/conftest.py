@@ -22,6 +22,25 @@ torch.set_num_threads(1)
 FALSE_ALARM = 1e-4
 
 
+#: Score-function options and particles per baseline: ``(estimator options, num_particles)``.
+SF_CASES = {
+    "none": ({}, 1),
+    "moving_average": ({"baseline": "moving_average"}, 1),
+    "optimal": ({"baseline": "optimal"}, 1),
+    "leave_one_out": ({"baseline": "leave_one_out"}, 2),
+    "learned": ({"baseline": "learned"}, 1),
+}
+
+
+@pytest.fixture
+def sf_case(baseline):
+    """``(options, particles)`` for the test's ``baseline`` parameter (every baseline of
+    :data:`stochgrad.estimators.score_function.BASELINES` must have an entry above)."""
+    if baseline not in SF_CASES:
+        raise KeyError(f"add the new baseline {baseline!r} to SF_CASES in tests/conftest.py")
+    return SF_CASES[baseline]
+
+
 # ---------------------------------------------------------------------------------------------
 # Flattening
 # ---------------------------------------------------------------------------------------------

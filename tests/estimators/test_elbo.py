@@ -271,19 +271,10 @@ def per_draw_elbo_grads(estimator, n, seed, steps=1, particles=1):
     return torch.cat([g["prior"], g["loc"].unsqueeze(-1), g["q"]], dim=-1)  # (n, 7)
 
 
-SF_CASES = {
-    "none": ({}, 1),
-    "moving_average": ({"baseline": "moving_average"}, 1),
-    "optimal": ({"baseline": "optimal"}, 1),
-    "leave_one_out": ({"baseline": "leave_one_out"}, 2),
-    "learned": ({"baseline": "learned"}, 1),
-}
-
-
 @pytest.mark.statistical
 @pytest.mark.parametrize("baseline", BASELINES)
-def test_score_function_unbiased_through_elbo(baseline, stat):
-    options, particles = SF_CASES[baseline]  # a new baseline must be added above
+def test_score_function_unbiased_through_elbo(baseline, sf_case, stat):
+    options, particles = sf_case
 
     def draw(n, seed):
         est = estimators.get("score_function", **options)

@@ -280,19 +280,11 @@ def test_too_many_exact_units():
 # Statistics: unbiased and biased estimators
 # ---------------------------------------------------------------------------------------------
 
-SF_CASES = {
-    "none": ({}, 1),
-    "moving_average": ({"baseline": "moving_average"}, 1),
-    "optimal": ({"baseline": "optimal"}, 1),
-    "leave_one_out": ({"baseline": "leave_one_out"}, 2),
-    "learned": ({"baseline": "learned"}, 1),
-}
-
 
 @pytest.mark.statistical
 @pytest.mark.parametrize("baseline", BASELINES)
-def test_score_function_unbiased(baseline, stat):
-    options, particles = SF_CASES[baseline]  # a new baseline must be added above
+def test_score_function_unbiased(baseline, sf_case, stat):
+    options, particles = sf_case
 
     def draw(n, seed):
         # stateful baselines: 20 warm-up steps, then the measured step
