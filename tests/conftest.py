@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,27 @@ torch.set_num_threads(1)
 
 #: Family-wise false-alarm rate of every statistical test in the suite (unless stated).
 FALSE_ALARM = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test runs on one thread, whatever a command under test set (``--threads``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+#: The development MNIST: ``../shared/data/mnist.npz`` beside the checkout (as CI runs it).
+REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
+
+
+@pytest.fixture
+def real_mnist() -> Path:
+    """Path of the real MNIST file; the test is skipped where it is absent."""
+    if not REAL_MNIST.is_file():
+        pytest.skip(f"real MNIST not available at {REAL_MNIST}")
+    return REAL_MNIST
 
 
 #: Score-function options and particles per baseline: ``(estimator options, num_particles)``.

@@ -6,23 +6,11 @@ import argparse
 import json
 import time
 import warnings
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from stochgrad.analysis import reproduce
-
-REAL_MNIST = Path("/work/shared/data/mnist.npz")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _digits_args(tmp_path, epochs=2):
@@ -115,13 +103,12 @@ def test_bench_sparse_inference_small():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_MNIST.is_file(), reason="real MNIST not available")
-def test_smoke_run_on_mnist_every_row_under_two_minutes(tmp_path):
+def test_smoke_run_on_mnist_every_row_under_two_minutes(tmp_path, real_mnist):
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         status = reproduce.main([
-            "paper", "--data", str(REAL_MNIST), "--epochs", "1", "--seeds", "1",
+            "paper", "--data", str(real_mnist), "--epochs", "1", "--seeds", "1",
             "--train-subset", "300", "--out", str(tmp_path), "--no-progress",
         ])  # fmt: skip
     seconds = time.perf_counter() - start

@@ -39,14 +39,6 @@ B, D, HID, G, C = 5, 6, 4, 7, 3
 CFG = ConditionalConfig(inputs=D, gater_hidden=HID, gates=G, classes=C)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _net(name: str, seed: int = 0) -> ConditionalNet:
     torch.manual_seed(seed)
     return ConditionalNet(name, CFG)

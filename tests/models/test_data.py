@@ -19,7 +19,6 @@ from stochgrad.models.data import (
     threshold_binarize,
 )
 
-REAL_MNIST = Path("/work/shared/data/mnist.npz")
 N_TRAIN, N_TEST = 20, 7
 
 
@@ -228,11 +227,10 @@ def test_default_path_and_fallback(tmp_path, monkeypatch):
     assert ds.train.y.dtype == torch.int64
 
 
-@pytest.mark.skipif(not REAL_MNIST.is_file(), reason="real MNIST not available")
-def test_real_mnist():
+def test_real_mnist(real_mnist):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ds = load_mnist(REAL_MNIST)
+        ds = load_mnist(real_mnist)
     assert (len(ds.train), len(ds.valid), len(ds.test)) == (50000, 10000, 10000)
     assert ds.train.y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     train_counts = torch.bincount(torch.cat([ds.train.y, ds.valid.y]), minlength=10)
