@@ -101,7 +101,34 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="MNIST: a Keras mnist.npz or a directory of IDX files (default: "
         "../shared/data/mnist.npz when present, else scikit-learn's 8x8 digits, a smoke test)",
     )
-    p.add_argument("--epochs", type=int, default=10, help="training epochs per run (default 10)")
+    p.add_argument(
+        "--protocol",
+        choices=list(cc.PROTOCOLS),
+        default="original",
+        help="'original': the authors' code (fixed KL weight, original initialisation, "
+        "max-norm 2.1 without the softmax, selection on the sampled-gate validation cost); "
+        "'spec': this project's earlier reading of the paper (default original)",
+    )
+    p.add_argument(
+        "--epochs",
+        "--max-epochs",
+        dest="epochs",
+        type=int,
+        default=None,
+        help="maximum training epochs per run (default 10; --smoke: 1)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="early stopping: stop when the selection criterion has not improved for this "
+        "many epochs (default: none, train every epoch)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a smoke run: 1000 training examples, 1 epoch, seed 0, no benchmark (minutes)",
+    )
     p.add_argument(
         "--seeds",
         default="3",
@@ -157,6 +184,13 @@ def parse_rows(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``stochgrad reproduce paper``; returns the exit status."""
+    if args.smoke:
+        args.epochs = args.epochs or 1
+        args.seeds = "0,"
+        args.train_subset = args.train_subset or 1000
+        args.no_bench = True
+    if args.epochs is None:
+        args.epochs = 10
     seeds, rows = parse_seeds(args.seeds), parse_rows(args.rows)
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
@@ -166,11 +200,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = load_data(args.data, args.train_subset)
     out = Path(args.out)
-    config = cc.TrainConfig(epochs=args.epochs, progress=not args.no_progress)
+    config = cc.for_protocol(
+        args.protocol, epochs=args.epochs, progress=not args.no_progress, patience=args.patience
+    )
     print(
         f"reproduce paper: {data.source} ({len(data.train)} train / {len(data.valid)} valid / "
         f"{len(data.test)} test), rows {rows}, seeds {seeds}, {args.epochs} epoch(s), "
-        f"device {args.device} -> {out}",
+        f"protocol {args.protocol}, device {args.device} -> {out}"
+        + (" [SMOKE RUN: not comparable with the paper]" if args.smoke else ""),
         file=sys.stderr,
     )
     results, epochs = run_rows(data, rows, seeds, config, out, device=args.device)
@@ -190,12 +227,17 @@ def _cli_options(args: argparse.Namespace) -> list[str]:
     opts = []
     if args.data:
         opts += ["--data", str(args.data)]
-    opts += ["--epochs", str(args.epochs), "--seeds", args.seeds, "--rows", args.rows]
+    opts += ["--protocol", args.protocol, "--max-epochs", str(args.epochs)]
+    if args.patience:
+        opts += ["--patience", str(args.patience)]
+    opts += ["--seeds", args.seeds, "--rows", args.rows]
     opts += ["--device", args.device, "--out", str(args.out)]
     if args.train_subset:
         opts += ["--train-subset", str(args.train_subset)]
     if args.threads:
         opts += ["--threads", str(args.threads)]
+    if args.smoke:
+        opts += ["--smoke"]
     return opts
 
 
@@ -330,7 +372,11 @@ def _train_one(
     key: dict[str, Any],
 ) -> dict[str, Any]:
     torch.manual_seed(seed)  # initialisation and the pre-gate noise
-    net = cc.ConditionalNet(row, cc.ConditionalConfig(inputs=data.num_features)).to(device)
+    gate = cc.original_gate(row) if config.original else cc.gate_type(row)
+    net = cc.ConditionalNet(gate, cc.ConditionalConfig(inputs=data.num_features))
+    if config.original:
+        cc.init_original_(net)
+    net = net.to(device)
     log_file = folder / f"seed{seed}.csv"
     checkpoint = _checkpoint(folder / f"seed{seed}.ckpt", key)
     log_file.unlink(missing_ok=True)
@@ -365,9 +411,11 @@ def _train_one(
         file=sys.stderr,
     )
     return {
+        "protocol": config.protocol,
         "row": row,
         "seed": seed,
         "best_epoch": result.best_epoch,
+        "stop_epoch": result.stop_epoch,
         "train_criterion": result.train_criterion,
         "valid_error": result.valid_error,
         "test_error": result.test_error,

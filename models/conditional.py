@@ -38,8 +38,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,7 +47,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
-from torch.distributions.transforms import SigmoidTransform
+from torch.distributions.transforms import AffineTransform, SigmoidTransform
 
 from stochgrad import estimators
 from stochgrad.estimators.base import Estimator
@@ -72,8 +72,14 @@ __all__ = [
     "evaluate_top_k",
     "evaluate_stochastic",
     "expected_noisy_relu",
+    "early_stop",
+    "for_protocol",
     "gate_type",
     "gater_macs",
+    "init_original_",
+    "make_controller",
+    "original_gate",
+    "sampled_cost",
     "make_optimizer",
     "max_norm_",
     "save_atomic",
@@ -136,6 +142,10 @@ class Sigmoid(_BaselineUnit):
 # ---------------------------------------------------------------------------------------------
 
 
+# The original STS noise: (Beta(α, β) - 1/2) · |logit(0.01)| added to the gate pre-activation.
+STS_NOISE_SCALE = abs(math.log(0.01 / 0.99))
+
+
 def beta_noise_alpha(beta: float, mode: float = 0.1) -> float:
     """``α`` such that ``Beta(α, β)`` has its mode at ``mode``: ``(α-1)/(α+β-2) = mode``."""
     if not 0 < mode < 1 or beta <= 1:
@@ -191,13 +201,22 @@ class GateType:
             return dist.TransformedDistribution(
                 dist.Beta(self.alpha, self.beta), [SigmoidTransform().inv]
             )
-        raise ValueError(f"noise must be None, 'beta' or 'gaussian'; got {self.noise!r}")
+        if self.noise == "beta_shift":
+            c = STS_NOISE_SCALE
+            return dist.TransformedDistribution(
+                dist.Beta(self.alpha, self.beta), [AffineTransform(-0.5 * c, c)]
+            )
+        raise ValueError(
+            f"noise must be None, 'beta', 'beta_shift' or 'gaussian'; got {self.noise!r}"
+        )
 
     def noise_mean(self) -> float:
         """``E[z]``: 0 for Gaussian; ``ψ(α) - ψ(β)`` for the logit of ``Beta(α, β)``."""
         if self.noise == "beta":
             a, b = torch.tensor(self.alpha), torch.tensor(self.beta)
             return float(torch.digamma(a) - torch.digamma(b))
+        if self.noise == "beta_shift":
+            return (self.alpha / (self.alpha + self.beta) - 0.5) * STS_NOISE_SCALE
         return 0.0
 
     @property
@@ -268,6 +287,102 @@ def gate_type(name: str | GateType) -> GateType:
     if name not in GATE_TYPES:
         raise ValueError(f"unknown gate type {name!r}; valid: {', '.join(GATE_TYPES)}")
     return GATE_TYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# The two training protocols
+# ---------------------------------------------------------------------------------------------
+
+PROTOCOLS = ("spec", "original")
+
+# ``original``: the settings of the authors' experiment code (nicholas-leonard/delicious,
+# commit 73357e8; see docs/conditional_computation.md for the file of each one).
+ORIGINAL_LAMBDA: dict[str, float] = {  # fixed KL weight of the sigmoid-type gates
+    "straight_through": 0.1,
+    "straight_through_sigmoid": 0.1,
+    "sts": 0.001,
+    "sbn": 1.0,
+}
+ORIGINAL_L1 = {"start": 1e-5, "low": 1e-9, "high": 1e-4}  # rectifier λ: adaptive, clipped
+ORIGINAL_MAX_NORM = 2.1  # column norm of the three conditional-layer matrices; none on softmax
+ORIGINAL_SPARSE_INIT = 15  # non-zero N(0, 1) weights per noisy-rectifier gater output unit
+
+
+def original_gate(name: str | GateType) -> GateType:
+    """The row as the original code ran it (only STS differs in the unit itself).
+
+    STS samples ``Bernoulli(p)`` (``variant="code"``; the paper's text says ``sqrt(p)``) and its
+    pre-gate noise is ``(Beta(α, β) - 1/2) · |logit(0.01)|`` (``noise="beta_shift"``).
+    """
+    g = gate_type(name)
+    if g.estimator == "sts":
+        return replace(g, options={"variant": "code"}, noise="beta_shift", on_probability="p")
+    return g
+
+
+def glorot_(weight: Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> None:
+    """``U(±gain · sqrt(6 / (fan_in + fan_out)))`` in place (``weight (out, in)``)."""
+    bound = gain * math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
+    with torch.no_grad():
+        weight.uniform_(-bound, bound, generator=generator)
+
+
+def sparse_init_(weight: Tensor, nonzero: int, generator: torch.Generator | None = None) -> None:
+    """Each unit (row of ``weight (out, in)``) gets ``nonzero`` N(0, 1) weights, the rest 0."""
+    out, fan_in = weight.shape
+    if not 0 < nonzero <= fan_in:
+        raise ValueError(f"need 0 < nonzero <= fan_in={fan_in}; got {nonzero}")
+    with torch.no_grad():
+        weight.zero_()
+        for i in range(out):
+            idx = torch.randperm(fan_in, generator=generator)[:nonzero]
+            weight[i, idx] = torch.randn(nonzero, generator=generator, dtype=weight.dtype).to(
+                weight.device
+            )
+
+
+def init_original_(net: ConditionalNet) -> ConditionalNet:
+    """The original initialisation (in place; randomness from torch's global generator).
+
+    Glorot-uniform for the experts and the gater's hidden layer; the gater's output layer
+    4 × Glorot for sigmoid-type gates, 15 sparse N(0, 1) weights per unit for the noisy
+    rectifier, Glorot for the baseline rectifier; the softmax ``U(±0.05)`` for straight-through
+    and SBN, ``U(±0.005)`` otherwise; every bias 0.
+    """
+    g = net.gate
+    glorot_(net.experts.weight)
+    glorot_(net.gater_hidden.weight)
+    if g.estimator == "noisy_rectifier":
+        sparse_init_(net.gater_out.weight, min(ORIGINAL_SPARSE_INIT, net.gater_out.in_features))
+    elif g.sparsity == "l1":
+        glorot_(net.gater_out.weight)
+    else:
+        glorot_(net.gater_out.weight, gain=4.0)
+    bound = 0.05 if g.estimator in ("straight_through", "score_function") else 0.005
+    with torch.no_grad():
+        net.output.weight.uniform_(-bound, bound)
+        for layer in (net.experts, net.gater_hidden, net.gater_out, net.output):
+            layer.bias.zero_()
+    return net
+
+
+def make_controller(net: ConditionalNet, config: TrainConfig) -> SparsityController | None:
+    """The sparsity controller of the protocol (``None`` for unpenalised rows).
+
+    ``spec``: adaptive λ from 1e-5, batch-mean statistics, clip [1e-13, 1] for every row.
+    ``original``: a fixed λ (:data:`ORIGINAL_LAMBDA`) for sigmoid-type gates; for rectifiers
+    the adaptive rule on the L1 norm summed over the minibatch and the gates, ×1.1 / ×0.9 per
+    minibatch, clipped to [1e-9, 1e-4].
+    """
+    g = net.gate
+    if not g.sparsity:
+        return None
+    if config.protocol == "spec":
+        return SparsityController(g.sparsity, target=config.density)
+    if g.sparsity == "kl":
+        lam = ORIGINAL_LAMBDA.get(g.name, 0.1)
+        return SparsityController("kl", config.density, start=lam, low=lam, high=lam)
+    return SparsityController("l1", config.density, reduce="sum", **ORIGINAL_L1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,9 +542,11 @@ class ConditionalNet(nn.Module):
         """The expert and output layers in the layout the sparse path reads."""
         return PackedExperts.from_net(self)
 
-    def max_norm_(self, max_norm: float = 2.0) -> None:
-        """Clip every unit's incoming weight vector to L2 norm ``max_norm`` (in place)."""
-        for layer in (self.gater_hidden, self.gater_out, self.experts, self.output):
+    def max_norm_(self, max_norm: float = 2.0, output: bool = True) -> None:
+        """Clip every unit's incoming weight vector to L2 norm ``max_norm`` (in place);
+        ``output=False`` leaves the softmax layer alone (the original protocol)."""
+        layers = [self.gater_hidden, self.gater_out, self.experts]
+        for layer in layers + ([self.output] if output else []):
             max_norm_(layer.weight, max_norm)
 
 
@@ -481,7 +598,8 @@ class SparsityController:
 
     ``kind="kl"``: ``-λ Σ_i [s log p̄_i + (1-s) log(1-p̄_i)]`` with ``p̄_i`` the minibatch mean
     probability of gate ``i`` being on; ``kind="l1"``: ``λ Σ_i |h̄_i|`` with ``h̄_i`` the
-    minibatch mean gate value. After each minibatch, :meth:`update` multiplies λ by ``up``
+    minibatch mean gate value (``reduce="sum"``: summed over the minibatch, as the original
+    rectifier penalty; see :meth:`reduce_batch`). After each minibatch, :meth:`update` multiplies λ by ``up``
     (1.1) when the measured density exceeds ``s + tolerance``, by ``down`` (0.9) when it is
     below ``s - tolerance``, and clips λ to ``[low, high]``.
     """
@@ -496,7 +614,10 @@ class SparsityController:
         down: float = 0.9,
         low: float = 1e-13,
         high: float = 1.0,
+        reduce: str = "mean",
     ):
+        if reduce not in ("mean", "sum"):
+            raise ValueError(f"reduce must be 'mean' or 'sum'; got {reduce!r}")
         if kind not in ("kl", "l1"):
             raise ValueError(f"kind must be 'kl' or 'l1'; got {kind!r}")
         if not 0 < target < 1:
@@ -509,6 +630,11 @@ class SparsityController:
         self.kind, self.target, self.tolerance = kind, target, tolerance
         self.up, self.down, self.low, self.high = up, down, low, high
         self.lam = start
+        self.reduce = reduce
+
+    def reduce_batch(self, stat: Tensor) -> Tensor:
+        """Per-gate statistic (gates,) of a minibatch ``stat (batch, gates)``: mean or sum."""
+        return stat.sum(0) if self.reduce == "sum" else stat.mean(0)
 
     def penalty(self, stat: Tensor) -> Tensor:
         """The penalty on per-gate minibatch means ``stat`` (gates,) at the current λ."""
@@ -693,6 +819,25 @@ class TrainConfig:
     seed: int = 0
     eval_chunk: int = 2000
     progress: bool = True
+    protocol: str = "spec"
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}; got {self.protocol!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None; got {self.patience}")
+
+    @property
+    def original(self) -> bool:
+        return self.protocol == "original"
+
+
+def for_protocol(protocol: str, **kwargs: Any) -> TrainConfig:
+    """A :class:`TrainConfig` with the protocol's defaults (``original``: max-norm 2.1)."""
+    if protocol == "original":
+        kwargs.setdefault("max_norm", ORIGINAL_MAX_NORM)
+    return TrainConfig(protocol=protocol, **kwargs)
 
 
 @dataclass
@@ -720,6 +865,39 @@ class TrainResult:
     test_error_stochastic: float = math.nan
     test_density_stochastic: float = math.nan
     test_error_top_k: float = math.nan
+    stop_epoch: int = 0
+
+
+def early_stop(criteria: Sequence[float], patience: int | None) -> bool:
+    """Whether training stops after the last of ``criteria`` (lower is better): the best
+    value so far is ``patience`` or more epochs old (``None``: never)."""
+    if patience is None or not criteria:
+        return False
+    best = min(range(len(criteria)), key=lambda i: (criteria[i], i))
+    return len(criteria) - 1 - best >= patience
+
+
+@torch.no_grad()
+def sampled_cost(net: ConditionalNet, x: Tensor, y: Tensor, chunk: int) -> tuple[float, float]:
+    """``(mean NLL, error rate)`` with the gates sampled as in training (one draw each).
+
+    What the original protocol selects on (validation) and reports as "train" (a full pass
+    over the training set at the end of the epoch, NLL only, no penalty). Stateful estimators
+    keep their state (``Surrogate(update=False)``); ``chunk`` must then be the minibatch size.
+    """
+    surrogate = Surrogate(update=False)
+    nll_sum, wrong = 0.0, 0
+    for i in range(0, x.shape[0], chunk):
+        xb, yb = x[i : i + chunk], y[i : i + chunk]
+        k = xb.shape[0]
+        if k < chunk:
+            pad = torch.arange(chunk - k, device=x.device) % x.shape[0]
+            xb, yb = torch.cat([xb, x[pad]]), torch.cat([yb, y[pad]])
+        nll, logits, _, _ = surrogate.run(net.program, xb, yb).value
+        nll_sum += float(nll[:k].sum())
+        wrong += int((logits[:k].argmax(1) != yb[:k]).sum())
+    n = max(x.shape[0], 1)
+    return nll_sum / n, wrong / n
 
 
 @torch.no_grad()
@@ -862,11 +1040,15 @@ def train(
     if n == 0 or xv.shape[0] == 0:
         raise ValueError(f"need training and validation examples; got {n} and {xv.shape[0]}")
     opt = make_optimizer(net, config)
-    if controller is None and net.gate.sparsity:
-        controller = SparsityController(net.gate.sparsity, target=config.density)
+    if controller is None:
+        controller = make_controller(net, config)
     order = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"valid_error": math.inf}
+    criterion = "valid_cost" if config.original else "valid_error"
+    best: dict[str, Any] = {criterion: math.inf}
+    stateful = bool(getattr(net.estimator, "stateful", False))
+    pass_chunk = config.batch_size if stateful else config.eval_chunk
+    xt, yt = data.test.x.to(device), data.test.y.to(device)
     steps = n // config.batch_size  # full minibatches only (drop_last)
     if steps == 0:
         raise ValueError(f"need at least batch_size={config.batch_size} training examples, got {n}")
@@ -884,6 +1066,8 @@ def train(
         if saved["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(saved["cuda_rng"], device)
         history, best, first = saved["history"], saved["best"], saved["epoch"] + 1
+        if early_stop([h[criterion] for h in history], config.patience):
+            first = config.epochs + 1  # stopped early already: nothing to extend
     for epoch in range(first, config.epochs + 1):
         net.train()
         start = time.perf_counter()
@@ -909,11 +1093,11 @@ def train(
                     if controller.kind == "kl"
                     else result.gates
                 )  # (batch, gates)
-                objective = objective + controller.penalty(stat.mean(0))
+                objective = objective + controller.penalty(controller.reduce_batch(stat))
             opt.zero_grad(set_to_none=True)
             objective.backward()
             opt.step()
-            net.max_norm_(config.max_norm)
+            net.max_norm_(config.max_norm, output=not config.original)
             with torch.no_grad():
                 wrong = (result.logits.argmax(1) != yb).float().sum()
                 sums += torch.stack([nll.sum(), wrong, density * yb.shape[0]])
@@ -932,14 +1116,21 @@ def train(
             "valid_error": valid_error,
             "valid_density": valid_density,
             "threshold": threshold if threshold is not None else float("nan"),
-            "seconds": time.perf_counter() - start,
         }
+        if config.original:  # "train": a full sampled-gate pass; selection: sampled valid NLL
+            row["train_running_criterion"] = row["train_criterion"]
+            row["train_criterion"], _ = sampled_cost(net, xs, ys, pass_chunk)
+            row["valid_cost"], row["valid_error_sampled"] = sampled_cost(net, xv, yv, pass_chunk)
+            row["test_error"], row["test_density"] = evaluate(
+                net, xt, yt, threshold, config.eval_chunk
+            )  # logged only, never used for selection (partial runs can be reported)
+        row["seconds"] = time.perf_counter() - start
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
         if not math.isfinite(row["train_criterion"]):
             break
-        if valid_error < best["valid_error"]:
+        if row[criterion] < best[criterion]:
             best = {
                 **row,
                 "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
@@ -961,11 +1152,12 @@ def train(
                 },
                 checkpoint,
             )
+        if early_stop([h[criterion] for h in history], config.patience):
+            break
     if "state" not in best:
         raise RuntimeError(f"training diverged in the first epoch (history: {history})")
     net.load_state_dict(best["state"])
     net.eval()
-    xt, yt = data.test.x.to(device), data.test.y.to(device)
     test_error, test_density = evaluate(net, xt, yt, best["thr"], config.eval_chunk)
     stochastic_error, stochastic_density = evaluate_stochastic(net, xt, yt, config.batch_size)
     top_k_error = (
@@ -986,4 +1178,5 @@ def train(
         test_error_stochastic=stochastic_error,
         test_density_stochastic=stochastic_density,
         test_error_top_k=top_k_error,
+        stop_epoch=int(history[-1]["epoch"]),
     )
