@@ -349,6 +349,7 @@ def _checkpoint(path: Path, key: dict[str, Any]) -> Path:
     """
     key = json.loads(json.dumps(key))
     key["config"].pop("epochs", None)
+    key["config"].pop("patience", None)  # only decides when to stop, not the trajectory
     key_file = path.with_name(path.name + ".json")
     if path.is_file():
         try:

@@ -599,9 +599,9 @@ class SparsityController:
     ``kind="kl"``: ``-λ Σ_i [s log p̄_i + (1-s) log(1-p̄_i)]`` with ``p̄_i`` the minibatch mean
     probability of gate ``i`` being on; ``kind="l1"``: ``λ Σ_i |h̄_i|`` with ``h̄_i`` the
     minibatch mean gate value (``reduce="sum"``: summed over the minibatch, as the original
-    rectifier penalty; see :meth:`reduce_batch`). After each minibatch, :meth:`update` multiplies λ by ``up``
-    (1.1) when the measured density exceeds ``s + tolerance``, by ``down`` (0.9) when it is
-    below ``s - tolerance``, and clips λ to ``[low, high]``.
+    rectifier penalty; see :meth:`reduce_batch`). After each minibatch, :meth:`update`
+    multiplies λ by ``up`` (1.1) when the measured density exceeds ``s + tolerance``, by
+    ``down`` (0.9) when it is below ``s - tolerance``, and clips λ to ``[low, high]``.
     """
 
     def __init__(
