@@ -634,6 +634,8 @@ class SparsityController:
 
     def reduce_batch(self, stat: Tensor) -> Tensor:
         """Per-gate statistic (gates,) of a minibatch ``stat (batch, gates)``: mean or sum."""
+        if self.kind == "l1":
+            stat = stat.abs()  # Σ_n |h_ni| (rectifier gates are >= 0: the same values)
         return stat.sum(0) if self.reduce == "sum" else stat.mean(0)
 
     def penalty(self, stat: Tensor) -> Tensor:

@@ -457,3 +457,130 @@ def test_top_k_mask_and_evaluation():
     data = _tiny_digits()
     err = evaluate_top_k(net, data.test.x, data.test.y, 0.3)
     assert 0 <= err <= 1
+
+
+# -- the original protocol ----------------------------------------------------------------------
+
+
+def test_original_initialisation_ranges():
+    from stochgrad.models.conditional import init_original_
+
+    torch.manual_seed(0)
+    cfg = ConditionalConfig(inputs=30, gater_hidden=20, gates=40, classes=10)
+    for name, softmax, gater_gain in [
+        ("straight_through", 0.05, 4.0),
+        ("sbn", 0.05, 4.0),
+        ("sts", 0.005, 4.0),
+        ("baseline_rectifier", 0.005, 1.0),
+    ]:
+        net = init_original_(ConditionalNet(name, cfg))
+        for layer, gain in [
+            (net.experts, 1.0),
+            (net.gater_hidden, 1.0),
+            (net.gater_out, gater_gain),
+        ]:
+            bound = gain * math.sqrt(6.0 / sum(layer.weight.shape))
+            w = layer.weight
+            assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound, (name, layer)
+        assert net.output.weight.abs().max() <= softmax
+        assert net.output.weight.abs().max() > 0.8 * softmax
+        for layer in (net.experts, net.gater_hidden, net.gater_out, net.output):
+            assert torch.count_nonzero(layer.bias) == 0
+    net = init_original_(ConditionalNet("noisy_rectifier", cfg))
+    nonzero = (net.gater_out.weight != 0).sum(1)  # per gate unit
+    assert torch.equal(nonzero, torch.full((40,), 15))
+
+
+def test_original_max_norm_leaves_the_softmax_alone():
+    torch.manual_seed(0)
+    net = ConditionalNet("straight_through", CFG)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(50.0)
+    before = net.output.weight.clone()
+    net.max_norm_(2.1, output=False)
+    for layer in (net.gater_hidden, net.gater_out, net.experts):
+        norms = layer.weight.norm(dim=1)
+        assert norms.max() <= 2.1 + 1e-5 and norms.max() > 2.0
+    assert torch.equal(net.output.weight, before)
+    net.max_norm_(2.1)
+    assert net.output.weight.norm(dim=1).max() <= 2.1 + 1e-5
+
+
+def test_original_controllers():
+    from stochgrad.models.conditional import make_controller
+
+    cfg = TrainConfig(protocol="original")
+    for name, lam in [("straight_through", 0.1), ("sts", 0.001), ("sbn", 1.0)]:
+        c = make_controller(ConditionalNet(name, CFG), cfg)
+        assert c is not None and c.lam == lam
+        for density in (0.9, 0.0, 0.5, 0.1):
+            assert c.update(density) == lam  # fixed λ does not move
+    c = make_controller(ConditionalNet("baseline_rectifier", CFG), cfg)
+    assert c is not None and c.kind == "l1" and c.lam == 1e-5
+    h = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.5, 0.0]])  # (batch, gates)
+    penalty = c.penalty(c.reduce_batch(h))
+    assert float(penalty) == pytest.approx(1e-5 * (1 + 2 + 3 + 0.5))  # summed over batch, gates
+    assert c.update(0.5) == pytest.approx(1.1e-5) and c.update(0.0) == pytest.approx(0.99e-5)
+    for _ in range(200):
+        c.update(1.0)
+    assert c.lam == 1e-4
+    for _ in range(500):
+        c.update(0.0)
+    assert c.lam == 1e-9
+    assert make_controller(ConditionalNet("baseline_sigmoid", CFG), cfg) is None
+    spec = make_controller(ConditionalNet("straight_through", CFG), TrainConfig())
+    assert spec is not None and spec.update(0.9) > 1e-5  # the spec protocol adapts
+
+
+def test_original_sts_unit():
+    from stochgrad.models.conditional import STS_NOISE_SCALE, original_gate
+
+    g = original_gate("sts")
+    assert g.on_probability == "p" and dict(g.options) == {"variant": "code"}
+    torch.manual_seed(0)
+    z = g.noise_distribution().sample((200_000,))
+    assert z.min() >= -0.5 * STS_NOISE_SCALE and z.max() <= 0.5 * STS_NOISE_SCALE
+    assert float(z.mean()) == pytest.approx(g.noise_mean(), abs=0.01)
+    assert original_gate("straight_through") == gate_type("straight_through")
+
+
+@pytest.mark.parametrize(
+    "curve, patience, stop",
+    [
+        ([5, 4, 3, 3.5, 3.2, 3.1, 3.0, 2.0], 3, 6),  # best at epoch 3, three worse: stop at 6
+        ([5, 4, 3, 2, 1], 1, None),  # always improving: never stops
+        ([1, 2, 3], None, None),  # no patience: never stops
+        ([3, 2, 2, 2], 2, 4),  # a tie is no improvement
+    ],
+)
+def test_early_stopping_on_a_scripted_curve(curve, patience, stop):
+    from stochgrad.models.conditional import early_stop
+
+    stopped = next((e for e in range(1, len(curve) + 1) if early_stop(curve[:e], patience)), None)
+    assert stopped == stop
+
+
+def test_original_train_stops_early_and_logs_the_sampled_costs():
+    from stochgrad.models.conditional import for_protocol
+
+    torch.manual_seed(0)
+    data = _tiny_digits()
+    net = ConditionalNet("straight_through", ConditionalConfig(inputs=data.num_features))
+    config = for_protocol("original", epochs=30, patience=2, progress=False, batch_size=16)
+    assert config.max_norm == 2.1
+    result = train(net, data, config)
+    costs = [h["valid_cost"] for h in result.history]
+    best = min(range(len(costs)), key=lambda i: (costs[i], i))
+    assert result.best_epoch == best + 1
+    assert result.stop_epoch == len(result.history)
+    assert result.stop_epoch == 30 or result.stop_epoch - result.best_epoch == 2
+    for h in result.history:
+        assert {
+            "valid_cost",
+            "valid_error_sampled",
+            "test_error",
+            "train_running_criterion",
+        } <= set(h)
+        assert h["lambda"] == 0.1
+    assert net.output.weight.norm(dim=1).max() > 0  # not clipped, just present
