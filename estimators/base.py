@@ -15,14 +15,78 @@ shape ``(draws, *param.shape)``), so one backward pass through the summed surrog
 per-draw gradients at once. Randomness comes only from a ``torch.Generator`` seeded by
 ``seed``: one uniform ``u`` per unit (``h = 1[u < sigmoid(a)]``, SPEC notation) and, where an
 estimator needs them, Gaussian or Rademacher perturbations. Same seed, same numbers.
+
+The protocol. An estimator is one module: a subclass of :class:`Estimator` (or of
+:class:`SurrogateEstimator`, which runs the model once and backpropagates a surrogate),
+registered with ``@register``. It implements
+
+- the batched core: ``cost(objective)`` and ``_draw(objective, draws, rng)`` (for a
+  ``SurrogateEstimator``: ``rule(uniforms)`` giving each unit's value, and optionally
+  ``surrogate(cost, sites)``); ``estimate()`` calls them;
+- its behaviour at a Pyro site, through hooks the engine (:mod:`~stochgrad.estimators.sites`,
+  used by ``EstimatorELBO`` and ``surrogate_loss``) calls, which never names an estimator:
+
+  ===========================  =============================================================
+  ``site_distributions``       base distribution names it supports (``("Bernoulli",)``);
+                               empty: it cannot act at a site
+  ``site_value(SiteInput)``    the value the site takes in this run, a :class:`SiteValue`
+                               (default for a ``SurrogateEstimator``: its ``rule``)
+  ``site_term(record, costs)`` the term it adds to the loss being minimised, given the cost
+                               ``costs.cost`` its units are credited with (a
+                               :class:`SiteCosts`); default ``0.0`` (the value's own gradient)
+  ``site_commit``              fold what ``site_term`` put in ``costs.state`` into training
+                               state, after the step
+  ``site_perturbs`` +          extra evaluations: re-runs with the same random numbers at
+  ``site_reruns``              offsets of the logits (:class:`Reruns`); their changes in cost
+                               arrive as ``costs.changes`` (antithetic or several samples too)
+  ``site_enumerates`` + ...    one run per configuration from ``site_configurations``,
+                               weighted by ``exp(site_log_weight)``
+  ``site_validates``,          flags: densities evaluated unvalidated at the value; the
+  ``site_owns_log_q``,         ELBO leaves ``log q`` of the site to the term; the other
+  ``site_needs_peers``         particles' costs are passed as ``costs.others``
+  ===========================  =============================================================
+
+A worked example, a score function scaled by ``c`` (unbiased for ``c = 1`` only), complete::
+
+    import torch
+    from stochgrad.estimators.base import SiteValue, SurrogateEstimator, hard_sample
+    from stochgrad.estimators.registry import register
+    from stochgrad.estimators.score_function import bernoulli_log_prob
+
+    @register
+    class ScaledScore(SurrogateEstimator):
+        name, unbiased = "scaled_score", "no"
+        site_distributions, site_owns_log_q = ("Bernoulli",), True
+
+        def __init__(self, c: float = 2.0):
+            self.c = c
+
+        def rule(self, uniforms):  # the batched core: one hard sample per unit
+            def rule(name, logits):
+                h = hard_sample(logits.detach(), uniforms(name, logits.shape, logits.dtype))
+                return h, {"log_prob": bernoulli_log_prob(logits, h)}
+            return rule
+
+        def surrogate(self, cost, sites):  # cost: (draws, 1)
+            flat = cost.reshape(-1)
+            total = flat.sum()
+            for s in sites.values():
+                w = flat.view(-1, *[1] * (s.value.dim() - 1)).detach()
+                total = total + self.c * (s.extra["log_prob"] * w).sum()
+            return total
+
+        def site_term(self, record, costs):  # at a Pyro site: c * L * d log q(h)
+            return self.c * (record.log_q() * record.unit_mask() * costs.cost).sum()
+
+``site_value`` comes from :class:`SurrogateEstimator` (it feeds ``rule`` the site's uniforms).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -260,6 +324,77 @@ def grads_or_zeros(out: Tensor, leaves: Mapping[str, Tensor]) -> dict[str, Tenso
 
 
 # ---------------------------------------------------------------------------------------------
+# What the Pyro engine and an estimator exchange at a site
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SiteInput:
+    """What the engine gives :meth:`Estimator.site_value` at one site in one run.
+
+    ``logits``: the site's logits at its full shape, differentiable in the parameters.
+    ``probs``: ``sigmoid(logits.detach())`` (``None`` at enumerated sites). ``uniforms(name,
+    shape, dtype)``: the site's uniforms, from torch's generator; where the value is already
+    given (``poutine.replay``) they are drawn so that ``1[u < p]`` reproduces it. ``offset``:
+    this run's offset of the logits (a re-run from :meth:`Estimator.site_reruns`), else
+    ``None``. ``assigned``: this run's value (a configuration from
+    :meth:`Estimator.site_configurations`; zeros in the first, shape-probing run), else
+    ``None``.
+    """
+
+    name: str
+    fn: Distribution
+    logits: Tensor
+    probs: Tensor | None
+    uniforms: Callable[[str, torch.Size, torch.dtype], Tensor]
+    offset: Tensor | None = None
+    assigned: Tensor | None = None
+
+
+@dataclass
+class SiteValue:
+    """What :meth:`Estimator.site_value` returns: the value the program sees, its hard sample
+    (default ``value > 0``), and anything later hooks read from the record's ``extra``
+    (``"log_prob"``: ``log q(hard)`` per unit, differentiable in the logits)."""
+
+    value: Tensor
+    hard: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Reruns:
+    """Extra evaluations asked for by one estimator's sites: the program is re-run, once per
+    entry of ``offsets`` (``{site: offset of its logits}``), with the same random numbers and
+    no gradient. ``data`` is the estimator's own (coefficients, directions) for its terms."""
+
+    offsets: list[dict[str, Tensor]]
+    data: Any = None
+
+
+@dataclass
+class SiteCosts:
+    """What the engine gives :meth:`Estimator.site_term` for one site in one run.
+
+    ``cost``: the cost the site's units are credited with (detached; the site's batch dims,
+    event dims as singletons). ``others``: the same for the other particles, averaged
+    (``site_needs_peers``; ``None`` with one particle). ``changes[j]``: re-run ``j``'s cost
+    minus ``cost``, reduced the same way (``None`` where re-run ``j`` did not move this site).
+    ``weight``: the detached weight of this run in the averaged loss. ``sample_dim``: a dim
+    holding vectorised particles, if any. ``state``: a list the term may append samples to;
+    the engine hands it to :meth:`Estimator.site_commit` after the step.
+    """
+
+    cost: Tensor
+    others: Tensor | None = None
+    reruns: Reruns | None = None
+    changes: list[Tensor | None] = field(default_factory=list)
+    weight: float | Tensor = 1.0
+    sample_dim: int | None = None
+    state: list[Any] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
 # The estimator base class
 # ---------------------------------------------------------------------------------------------
 
@@ -375,6 +510,41 @@ class Estimator:
         if state:
             raise ValueError(f"{self.name} has no state; got keys {sorted(state)}")
 
+    # -- behaviour at a Pyro sample site (the engine's hooks; module docstring) ---------------
+
+    site_distributions: ClassVar[tuple[str, ...]] = ()
+    site_validates: ClassVar[bool] = True
+    site_owns_log_q: ClassVar[bool] = False
+    site_enumerates: ClassVar[bool] = False
+    site_perturbs: ClassVar[bool] = False
+    site_needs_peers: ClassVar[bool] = False
+
+    def site_value(self, site: SiteInput) -> SiteValue:
+        """The value the site takes in this run (and what :meth:`site_term` needs later)."""
+        raise TypeError(
+            f"site {site.name!r}: estimator {self.name!r} cannot act at a Pyro sample site "
+            "(it defines no site_value hook); see stochgrad.estimators.base for the protocol"
+        )
+
+    def site_reruns(self, records: Sequence[Any], generator: torch.Generator) -> Reruns:
+        """Extra evaluations for this estimator's sites (``site_perturbs = True``)."""
+        raise NotImplementedError
+
+    def site_configurations(self, records: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """The values of every run to enumerate (``site_enumerates = True``)."""
+        raise NotImplementedError
+
+    def site_log_weight(self, record: Any) -> Tensor | None:
+        """``log`` of the weight of this run's value at the site (enumeration), or ``None``."""
+        return None
+
+    def site_term(self, record: Any, costs: SiteCosts) -> Tensor | float:
+        """The term this site adds to the loss being minimised (``0.0``: none)."""
+        return 0.0
+
+    def site_commit(self, record: Any, samples: list[Any], sample_dim: int | None) -> None:
+        """Fold what :meth:`site_term` put in ``costs.state`` into training state."""
+
     # -- the public entry point ----------------------------------------------------------------
 
     def estimate(
@@ -440,6 +610,12 @@ class SurrogateEstimator(Estimator):
         ``cost`` has shape ``(draws, K)``; the default is the pathwise mean over the K samples.
         """
         return cost.mean(1).sum()
+
+    def site_value(self, site: SiteInput) -> SiteValue:
+        """By default the core's rule, fed the site's (conditional) uniforms."""
+        uniforms: Any = site.uniforms  # any callable (name, shape, dtype) -> uniforms
+        value, extra = self.rule(uniforms)(site.name, site.logits)
+        return SiteValue(value, extra=extra)
 
     def _draw(self, objective: Any, draws: int, rng: Rng) -> dict[str, Tensor]:
         leaves = per_draw_params(objective.params, draws)

@@ -59,15 +59,15 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 from torch import Tensor
 
-from .score_function import ScoreFunction
+from .base import Estimator, SiteCosts
 from .sites import (
     Run,
     SiteRecord,
     SiteRuleMessenger,
     TrackUnannotated,
-    exact_log_weight,
-    exact_tables,
-    max_exact_sites,
+    enumerated,
+    enumeration_tables,
+    log_weight,
     perturbed_reruns,
     rng_state,
     set_rng_state,
@@ -123,7 +123,7 @@ class _Execution:
         self.model_trace, self.guide_trace = model_trace, guide_trace
         self.tables = grun.table
         self.records = {**self.guide_records, **self.model_records}
-        self.log_weight = exact_log_weight(self.records.values())
+        self.log_weight = log_weight(self.records.values())
         # log r = log p - log q per plate frame set (detached), and the ELBO value
         self.log_r: MultiFrameTensor = _LogR()
         elbo_value: Tensor | float = 0.0
@@ -136,7 +136,8 @@ class _Execution:
                 self.log_r.add((site["cond_indep_stack"], -_unprovenanced(site["log_prob"])))
                 elbo_value = elbo_value - _unprovenanced(site["log_prob_sum"])
         self.elbo = torch.as_tensor(elbo_value)
-        self.perturbed: list[tuple[Any, list[tuple[float, dict, MultiFrameTensor]], dict]] = []
+        # re-runs: (estimator, Reruns, [log r of each re-run])
+        self.perturbed: list[tuple[Any, Any, list[MultiFrameTensor]]] = []
         self._site_costs: dict[str, Tensor] = {}
 
     def site_cost(self, record: SiteRecord, log_r: MultiFrameTensor | None = None) -> Tensor:
@@ -172,7 +173,7 @@ class _Execution:
                 entropy = site["score_parts"].entropy_term
                 if not is_identically_zero(entropy):
                     surrogate = surrogate - entropy.sum()
-            elif record.kind != "score":
+            elif not record.estimator.site_owns_log_q:
                 surrogate = surrogate - site["log_prob_sum"]
             for key in _provenance(site["log_prob_sum"]):
                 downstream[key].add((site["cond_indep_stack"], -site["log_prob"]))
@@ -259,41 +260,45 @@ class EstimatorELBO(ELBO):
 
         site_costs = self._weighted_site_costs(particles, weights) if count > 1 else []
         surrogate: Tensor | float = 0.0
-        updates: dict[tuple[int, str], tuple[ScoreFunction, SiteRecord, list, int | None]] = {}
+        updates: dict[tuple[int, str], tuple[Estimator, SiteRecord, list, int | None]] = {}
         for i, (runs, ws) in enumerate(zip(particles, weights)):
             for e, w in zip(runs, ws):
                 surrogate_elbo, baseline_loss = e.surrogate_elbo()
                 s = _plus(-surrogate_elbo, baseline_loss)
                 for r in e.records.values():
-                    if r.kind == "score":
-                        s = s + self._score_term(i, e, r, w, site_costs, count, updates)
-                s = _plus(s, _perturbation_terms(e))
+                    if type(r.estimator).site_term is not Estimator.site_term:
+                        s = _plus(s, self._site_term(i, e, r, w, site_costs, count, updates))
                 surrogate = surrogate + _times(_detach(w), s) - _times(w, e.elbo.detach())
         if self.num_particles != 1:
             surrogate = surrogate / self.num_particles
         if self.update:
             for est, r, samples, sample_dim in updates.values():
-                est.site_update(r.name, samples, r.event_dim, sample_dim)
+                est.site_commit(r, samples, sample_dim)
         return loss, surrogate
 
-    def _score_term(self, i, e, r, w, site_costs, count, updates) -> Tensor:
+    def _site_term(self, i, e, r, w, site_costs, count, updates) -> Tensor | float:
+        """The site's own term (its estimator's ``site_term``), loss sign."""
         est = r.estimator
-        assert isinstance(est, ScoreFunction)
         cost = e.site_cost(r)
         sample_dim = _particle_dim(r)
         others = None
-        if sample_dim is not None and cost.shape[sample_dim] > 1:
-            n = cost.shape[sample_dim]
-            others = (cost.sum(sample_dim, keepdim=True) - cost) / (n - 1)
-        elif count > 1:
-            others = sum(site_costs[j][r.name] for j in range(count) if j != i) / (count - 1)
-        b = est.site_baseline(
-            r.name, cost, r.event_dim, others=others, baseline_input=r.baseline_input
-        )
-        probs = r.probs if r.probs is not None else torch.sigmoid(r.logits.detach())
-        sample = (_detach(w) / count, cost, r.hard, probs, r.baseline_input)
-        updates.setdefault((id(est), r.name), (est, r, [], sample_dim))[2].append(sample)
-        return (_times(r.unit_mask(), r.log_q()) * (cost - b).detach()).sum()
+        if est.site_needs_peers:
+            if sample_dim is not None and cost.shape[sample_dim] > 1:
+                n = cost.shape[sample_dim]
+                others = (cost.sum(sample_dim, keepdim=True) - cost) / (n - 1)
+            elif count > 1:
+                others = sum(site_costs[j][r.name] for j in range(count) if j != i) / (count - 1)
+        reruns, changes = None, []
+        for owner, plan, done in e.perturbed:
+            if owner is est:
+                reruns = plan
+                changes = [
+                    e.site_cost(r, log_r) - cost if r.name in offsets else None
+                    for offsets, log_r in zip(plan.offsets, done)
+                ]
+        state = updates.setdefault((id(est), r.name), (est, r, [], sample_dim))[2]
+        costs = SiteCosts(cost, others, reruns, changes, _detach(w) / count, sample_dim, state)
+        return est.site_term(r, costs)
 
     @staticmethod
     def _weighted_site_costs(particles, weights) -> list[dict[str, Tensor]]:
@@ -302,7 +307,7 @@ class EstimatorELBO(ELBO):
             acc: dict[str, Tensor] = {}
             for e, w in zip(runs, ws):
                 for name, r in e.records.items():
-                    if r.kind == "score":
+                    if r.estimator.site_needs_peers:
                         c = _detach(w) * e.site_cost(r)
                         acc[name] = acc[name] + c if name in acc else c
             out.append(acc)
@@ -313,11 +318,11 @@ class EstimatorELBO(ELBO):
         base = _Execution(self, model, guide, args, kwargs, (Run(), Run()))
         runs = [base]
         records = base.records.values()
-        if not any(r.kind in ("exact", "perturbation") for r in records):
+        if not any(r.estimator.site_enumerates or r.estimator.site_perturbs for r in records):
             return runs  # no re-runs: the generator is where the base run left it
         after = rng_state()
-        if any(r.kind == "exact" for r in records):
-            tables = exact_tables(records, max_exact_sites(records))
+        if enumerated(records):
+            tables = enumeration_tables(records)
             for table in tables[1:]:
                 set_rng_state(start)
                 runs.append(
@@ -327,7 +332,7 @@ class EstimatorELBO(ELBO):
                 )
             base.tables = tables[0]
         set_rng_state(after)
-        if grads and any(r.kind == "perturbation" for e in runs for r in e.records.values()):
+        if grads and any(r.estimator.site_perturbs for e in runs for r in e.records.values()):
             # directions come from their own generator, seeded from the stream after the run
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
             after = rng_state()
@@ -416,21 +421,6 @@ def _plus(x: Tensor | float, y: Tensor | float) -> Tensor | float:
     if not isinstance(y, Tensor) and y == 0.0:
         return x
     return x + y
-
-
-def _perturbation_terms(e: _Execution) -> Tensor | float:
-    """``sum_a a * g_a`` with ``g_a = sum_j coef_j (L_j - L) w_j`` (detached), loss sign."""
-    total: Tensor | float = 0.0
-    for _, done, dirs in e.perturbed:
-        for name, r in e.records.items():
-            g: Tensor | float = 0.0
-            base = e.site_cost(r)
-            for j, (coef, offsets, log_r) in enumerate(done):
-                if name in offsets:
-                    g = g + coef * (e.site_cost(r, log_r) - base) * dirs[f"{j}:{name}"]
-            if isinstance(g, Tensor):
-                total = total + (r.logits * (g * r.unit_mask()).detach()).sum()
-    return total
 
 
 __all__ = ["EstimatorELBO"]

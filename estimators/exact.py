@@ -15,12 +15,23 @@ Bias: none, and no variance: every draw returns the same (exact) gradient.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import Cost, Estimator, Rng, Site, grads_or_zeros, run_model, site_units
+from .base import (
+    Cost,
+    Estimator,
+    Rng,
+    Site,
+    SiteInput,
+    SiteValue,
+    grads_or_zeros,
+    run_model,
+    site_units,
+)
 from .registry import register
 from .score_function import bernoulli_log_prob
 
@@ -111,6 +122,43 @@ class Exact(Estimator):
         if n > self.max_sites:
             enumerate_model(objective, self.max_sites)  # raises the explanatory ValueError
         return Cost(evals=float(2**n), backwards=1.0)
+
+    # -- at a Pyro site: one run per joint configuration of all exact units, weighted by q --
+
+    site_distributions = ("Bernoulli",)
+    site_enumerates = True
+
+    def site_value(self, site: SiteInput) -> SiteValue:
+        assert site.assigned is not None
+        value = site.assigned.to(site.logits.dtype).expand_as(site.logits)
+        return SiteValue(value, hard=value)
+
+    def site_log_weight(self, record: Any) -> Tensor:
+        return record.log_q().sum()
+
+    def site_configurations(self, records: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """Every joint configuration of the given sites' binary units, as value tables."""
+        max_sites = min(r.estimator.max_sites for r in records)
+        shapes = {r.name: r.logits.shape for r in records}
+        n = sum(math.prod(s) for s in shapes.values())
+        if n > max_sites:
+            raise ValueError(
+                f"sites {sorted(shapes)} (estimator 'exact') hold {n} binary units; "
+                f"enumeration is limited to max_sites={max_sites} (2^{max_sites} runs). Use "
+                "another estimator for some of them or raise max_sites on the Exact object"
+            )
+        first = records[0].logits
+        idx = torch.arange(2**n, device=first.device)
+        bits = ((idx.unsqueeze(1) >> torch.arange(n, device=first.device)) & 1).to(first.dtype)
+        tables: list[dict[str, Tensor]] = [{} for _ in range(2**n)]
+        start = 0
+        for name, shape in shapes.items():
+            k = math.prod(shape)
+            block = bits[:, start : start + k].reshape(2**n, *shape)
+            for c in range(2**n):
+                tables[c][name] = block[c]
+            start += k
+        return tables
 
     def default_chunk_size(self, objective: Any) -> int:
         return 2**62  # one chunk: the gradient is computed once

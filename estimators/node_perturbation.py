@@ -26,6 +26,7 @@ from torch import Tensor
 from .base import (
     Cost,
     Estimator,
+    Reruns,
     Rng,
     Rule,
     Uniforms,
@@ -35,11 +36,12 @@ from .base import (
     per_draw_params,
     run_model,
 )
+from .perturbation import PerturbationSites, randn_like
 from .registry import register
 
 
 @register
-class NodePerturbation(Estimator):
+class NodePerturbation(PerturbationSites, Estimator):
     """Gaussian pre-activation perturbation, correlated with the change in cost."""
 
     name = "node_perturbation"
@@ -51,6 +53,11 @@ class NodePerturbation(Estimator):
 
     def cost(self, objective: Any) -> Cost:
         return Cost(evals=2.0, backwards=1.0)
+
+    def site_reruns(self, records: Any, generator: torch.Generator) -> Reruns:
+        # g_a = (L(a + xi) - L(a)) xi / sigma^2
+        offsets = {r.name: self.sigma * randn_like(r.logits, generator) for r in records}
+        return Reruns([offsets], data=([1.0 / self.sigma**2], [offsets]))
 
     def _draw(self, objective: Any, draws: int, rng: Rng) -> dict[str, Tensor]:
         leaves = per_draw_params(objective.params, draws)

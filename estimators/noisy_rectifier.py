@@ -51,6 +51,9 @@ class NoisyRectifier(SurrogateEstimator):
     unbiased = "no"
     description = "noisy rectifier unit max(0, a + s z) (paper Sec. 3.1); surrogate unit"
 
+    site_distributions = ("Bernoulli",)
+    site_validates = False  # values outside {0, 1}: densities evaluated unvalidated
+
     def __init__(self, noise: str = "gaussian", scale: float = 1.0):
         self.noise = check_choice("noise", noise, NOISES)
         self.scale = check_positive_float("scale", scale)

@@ -1,13 +1,21 @@
-"""Shared pieces of the forward-only perturbation estimators (SPSA, finite differences)."""
+"""Shared pieces of the perturbation estimators (SPSA, finite differences, node perturbation).
+
+At a Pyro site they all act the same way (:class:`PerturbationSites`): the value is the hard
+sample ``1[u < sigmoid(a + delta)]`` (``delta = 0`` in the base run, an offset in a re-run),
+the re-runs use the same random numbers, and the site adds ``a * g_a`` to the loss (``g_a``
+held fixed) with ``g_a = sum_j coef_j (L_j - L_0) w_j``; each estimator's
+:meth:`~stochgrad.estimators.base.Estimator.site_reruns` says which offsets ``delta_j`` to
+run, with coefficients ``coef_j`` and directions ``w_j``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .base import Rng, Uniforms, hard_rule, run_model
+from .base import Rng, SiteCosts, SiteInput, SiteValue, Uniforms, hard_rule, hard_sample, run_model
 
 
 def evaluate(
@@ -40,3 +48,37 @@ def unflatten(flat: Tensor, layout: list[tuple[str, torch.Size, int]]) -> dict[s
 
 def uniforms_for(rng: Rng, crn: bool, outer: int, inner: int) -> Uniforms:
     return Uniforms(rng, outer=outer, inner=inner, shared=crn)
+
+
+class PerturbationSites:
+    """The site hooks shared by the perturbation estimators (see the module docstring).
+
+    ``site_reruns`` returns ``Reruns(offsets, data=(coefs, directions))`` with
+    ``directions[j][site]`` the direction ``w_j`` of re-run ``j`` at the site.
+    """
+
+    site_distributions: ClassVar[tuple[str, ...]] = ("Bernoulli",)
+    site_perturbs: ClassVar[bool] = True
+
+    def site_value(self, site: SiteInput) -> SiteValue:
+        u = site.uniforms(site.name, site.logits.shape, site.logits.dtype)
+        shifted = site.logits.detach()
+        if site.offset is not None:
+            shifted = shifted + site.offset
+        return SiteValue(hard_sample(shifted, u), extra={"u": u})
+
+    def site_term(self, record: Any, costs: SiteCosts) -> Tensor | float:
+        assert costs.reruns is not None
+        coefs, dirs = costs.reruns.data
+        g: Tensor | float = 0.0
+        for j, change in enumerate(costs.changes):
+            if change is not None:
+                g = g + coefs[j] * change * dirs[j][record.name]
+        if not isinstance(g, Tensor):
+            return 0.0
+        return (record.logits * (g * record.unit_mask()).detach()).sum()
+
+
+def randn_like(like: Tensor, generator: torch.Generator) -> Tensor:
+    """Standard normals shaped as ``like`` from a CPU ``generator``, moved to its device."""
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)

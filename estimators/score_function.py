@@ -61,8 +61,12 @@ from torch.nn.functional import softplus
 from .base import (
     Rule,
     Site,
+    SiteCosts,
+    SiteInput,
+    SiteValue,
     SurrogateEstimator,
     Uniforms,
+    below,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -134,6 +138,35 @@ class ScoreFunction(SurrogateEstimator):
         self._sites: dict[str, dict[str, Tensor]] = {}
         # learned baselines: per-site module and optimiser
         self._learned: dict[str, _Learned] = {}
+
+    # -- at a Pyro site: value h, term (L - b) log q(h) per unit, state per site ------------
+
+    site_distributions = ("Bernoulli",)
+    site_owns_log_q = True
+    site_needs_peers = True
+
+    def site_value(self, site: SiteInput) -> SiteValue:
+        if type(self).rule is not ScoreFunction.rule or site.probs is None:
+            return super().site_value(site)
+        # the rule with ``probs`` (sigmoid of the detached logits) reused: the same numbers
+        u = site.uniforms(site.name, site.logits.shape, site.logits.dtype)
+        h = below(u, site.probs, site.logits.dtype)
+        return SiteValue(h, hard=h, extra={"log_prob": bernoulli_log_prob(site.logits, h)})
+
+    def site_term(self, record: Any, costs: SiteCosts) -> Tensor:
+        b = self.site_baseline(
+            record.name,
+            costs.cost,
+            record.event_dim,
+            others=costs.others,
+            baseline_input=record.baseline_input,
+        )
+        probs = record.probs if record.probs is not None else torch.sigmoid(record.logits.detach())
+        costs.state.append((costs.weight, costs.cost, record.hard, probs, record.baseline_input))
+        return (record.log_q() * record.unit_mask() * (costs.cost - b).detach()).sum()
+
+    def site_commit(self, record: Any, samples: list[Any], sample_dim: int | None) -> None:
+        self.site_update(record.name, samples, record.event_dim, sample_dim)
 
     @property
     def stateful(self) -> bool:

@@ -1,39 +1,33 @@
-"""The engine shared by the ELBO and the surrogate: site rules inside a Pyro program.
+"""The engine shared by the ELBO and the surrogate: estimators' hooks inside a Pyro program.
 
 A *run* is one execution of a program (a guide and its model, or a cost-returning program)
-under :class:`SiteRuleMessenger`. At every latent Bernoulli site whose annotation names an
-estimator (see :mod:`stochgrad.estimators.handlers`), the messenger computes the site's value
-with that estimator's rule from the core (the same functions ``estimate()`` uses) and records
-a :class:`SiteRecord`; sites without an annotation are left to Pyro.
+under :class:`SiteRuleMessenger`. At every latent site whose annotation names an estimator
+(see :mod:`stochgrad.estimators.handlers`), the messenger checks that the estimator supports
+the site's distribution (``site_distributions``; otherwise a ``TypeError`` naming the site,
+its distribution and the estimators that apply), asks the estimator for the site's value
+(``site_value``) and records a :class:`SiteRecord`; sites without an annotation are left to
+Pyro. The engine names no estimator: everything an estimator does at a site goes through the
+hooks documented in :mod:`stochgrad.estimators.base`:
 
-How each estimator meets a site (its *kind*), with ``a`` the unit's pre-activation (logit),
-``p = sigmoid(a)``, ``u ~ U(0, 1)`` its uniform, ``h = 1[u < p]``, and ``L`` the cost the unit
-can influence (the program's cost, or ``-(log p - log q)``, reduced to the unit's plates):
-
-- ``score`` (``score_function``): value ``h``; the caller adds the surrogate term
-  ``(L - b) log q(h)`` per unit, so ``d/da = (L - b)(h - p)`` (the paper's Theorem 1);
-- ``value`` (``straight_through``): value ``h + (a - stopgrad(a))`` (or the sigmoid-slope
-  variant): forward ``h``, backward ``dL/da := dL/dh``;
-- ``unit`` (``sts``, ``noisy_rectifier``): value ``b sqrt(p)`` / ``max(0, a + s z(u))``; the
-  site's distribution is evaluated without support validation at that value;
-- ``perturbation`` (``spsa``, ``finite_difference``, ``node_perturbation``): value
-  ``1[u < sigmoid(a + delta)]``; the caller re-runs the program with the *same random numbers*
-  (torch's generator state is restored) at offsets ``delta_j`` and adds ``a * g_a`` (``g_a``
-  held fixed) with ``g_a = sum_j coef_j (L_j - L_0) w_j``: node perturbation
-  ``(L(a + xi) - L(a)) xi / sigma^2``; SPSA ``[L(a + c D) - L(a - c D)] D / (2c)``; central
-  differences per coordinate (all plate slices move together; each reads its own ``L``);
-- ``exact``: value from a table; the caller runs the program once per joint configuration
-  ``c`` of all exact units and forms ``sum_c [stopgrad(q(c)) s(c) + q(c) stopgrad(L(c))]``,
-  whose gradient is ``d/dtheta sum_c q(c) E[L | c]`` when ``s(c)`` is a surrogate of run ``c``.
+- ``site_value``: the value the program sees (hard sample, relaxed or surrogate unit, ...);
+- ``site_enumerates`` / ``site_configurations`` / ``site_log_weight``: extra runs, one per
+  configuration, weighted by ``q(config)`` (the weights carry their own gradient);
+- ``site_perturbs`` / ``site_reruns``: extra runs with the same random numbers (torch's
+  generator state is restored) at offsets of the sites' logits, without gradient;
+- ``site_term``: the term the site adds to the loss, given the cost its units are credited
+  with (``L``, reduced to the unit's plates), the other particles' costs and the re-runs'
+  changes in cost; ``site_commit``: training state updated after the step;
+- ``site_validates = False``: the densities are evaluated at the value without support
+  validation; ``site_owns_log_q = True``: the ELBO leaves the site's ``log q`` out of its
+  pathwise part (the estimator's term supplies that gradient).
 
 Randomness: uniforms come from torch's global generator (``pyro.set_rng_seed`` controls
 them). A site whose value is already given (``poutine.replay``) keeps it: its uniform is drawn
 from the part of (0, 1) consistent with ``h = 1[u < p]``.
 
-Requires: Bernoulli sites (``Independent``/masked/expanded wrappers allowed); for re-runs, a
-program whose sites and shapes do not depend on the sampled values. Bias: that of each
-estimator (none for ``score`` and ``exact``; ``O(step^2)`` or ``O(sigma)`` for perturbations;
-``value`` and ``unit`` kinds are biased).
+Requires: distributions an estimator declares (Bernoulli for the estimators here;
+``Independent``/masked/expanded wrappers allowed); for re-runs, a program whose sites and
+shapes do not depend on the sampled values. Bias: that of each estimator.
 
 References: Bengio, Leonard & Courville (2013), arXiv:1308.3432, Secs. 3-4; Spall (1992);
 Fiete & Seung (2006); Schulman et al. (2015) (surrogate losses).
@@ -42,9 +36,7 @@ Fiete & Seung (2006); Schulman et al. (2015) (surrogate losses).
 from __future__ import annotations
 
 import copy
-import itertools
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,41 +45,45 @@ from pyro.infer.tracegraph_elbo import TrackNonReparam
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from torch import Tensor
+from torch.distributions import Distribution, Independent
 
-from .base import Estimator, below, bernoulli_logits, hard_sample
-from .exact import Exact
-from .finite_difference import FiniteDifference
+from .base import Estimator, Reruns, SiteInput, bernoulli_logits
 from .handlers import ESTIMATOR_KEY, annotatable, effective_annotation, resolve_estimator
-from .node_perturbation import NodePerturbation
-from .noisy_rectifier import NoisyRectifier
-from .score_function import ScoreFunction, bernoulli_log_prob
-from .spsa import SPSA
-from .straight_through import StraightThrough
-from .sts import STS
+from .registry import available, lookup
+from .score_function import bernoulli_log_prob
 
-KINDS = ("score", "value", "unit", "perturbation", "exact")
 BASELINE_INPUT_KEY = "baseline_input"
 
 
-def site_kind(est: Estimator, site: str) -> str:
-    """How ``est`` acts at a Pyro site (see the module docstring)."""
-    if isinstance(est, ScoreFunction):
-        return "score"
-    if isinstance(est, StraightThrough):
-        return "value"
-    if isinstance(est, (STS, NoisyRectifier)):
-        return "unit"
-    if isinstance(est, (SPSA, FiniteDifference, NodePerturbation)):
-        return "perturbation"
-    if isinstance(est, Exact):
-        return "exact"
-    kind = getattr(est, "site_kind", None)
-    if kind in KINDS:
-        return kind
+def base_distribution(fn: Distribution) -> Distribution:
+    """``fn`` with ``Independent`` and Pyro's masked/expanded wrappers looked through."""
+    base: Any = fn
+    while isinstance(base, Independent) or type(base).__name__ in (
+        "MaskedDistribution",
+        "ExpandedDistribution",
+    ):
+        base = base.base_dist
+    return base
+
+
+def check_supported(est: Estimator, site: str, fn: Distribution) -> None:
+    """``TypeError`` naming the site, its distribution and the estimators that apply to it."""
+    base = base_distribution(fn)
+    kind = type(base).__name__
+    if kind in est.site_distributions:
+        return
+    shown = type(fn).__name__ + (f" (of {kind})" if base is not fn else "")
+    usable = [n for n in available() if kind in lookup(n).site_distributions]
+    if not est.site_distributions:
+        raise TypeError(
+            f"site {site!r}: estimator {est.name!r} cannot act at a Pyro sample site (it "
+            f"declares no site_distributions); estimators usable at a site with distribution "
+            f"{shown}: {', '.join(usable) or '(none)'}"
+        )
     raise TypeError(
-        f"site {site!r}: estimator {est.name!r} cannot act at a Pyro sample site yet (no site "
-        f"rule); estimators usable at sites: exact, finite_difference, node_perturbation, "
-        f"noisy_rectifier, score_function, spsa, straight_through, sts"
+        f"estimator {est.name!r} supports {', '.join(est.site_distributions)} sample sites, but "
+        f"site {site!r} has distribution {shown}; estimators that apply to it: "
+        f"{', '.join(usable) or '(none: leave the site to Pyro)'}"
     )
 
 
@@ -97,7 +93,6 @@ class SiteRecord:
 
     name: str
     estimator: Estimator
-    kind: str
     logits: Tensor  # (*batch, *event), differentiable in the parameters
     hard: Tensor  # (*batch, *event) in {0, 1}, no gradient
     value: Tensor  # what the program saw at the site
@@ -128,8 +123,8 @@ class Run:
     """One execution: the configuration the rules follow and what they recorded.
 
     ``skip``: latent sites already handled in the guide (the model run replays them).
-    ``table``: values of the ``exact`` sites (``None``: all zeros, shapes recorded).
-    ``perturb``: per-site offsets added to the pre-activations of ``perturbation`` sites.
+    ``table``: values of the enumerated sites (``None``: all zeros, shapes recorded).
+    ``perturb``: per-site offsets added to the pre-activations (a re-run).
     """
 
     def __init__(
@@ -152,6 +147,10 @@ class Run:
     def handles(self, name: str) -> bool:
         """``name in self.handled``, without building the set."""
         return name in self.records or name in self.skip
+
+
+def _no_uniforms(name: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    raise TypeError(f"site {name!r}: an enumerated site's value is assigned, it draws no uniforms")
 
 
 class _ConditionalUniforms:
@@ -198,7 +197,7 @@ class SiteRuleMessenger(Messenger):
         run = self.run
         if name in run.skip:
             self._check_same(msg, run.skip[name])
-            if run.skip[name].kind == "unit":
+            if not run.skip[name].estimator.site_validates:
                 msg["fn"] = without_validation(msg["fn"])
             return
         spec = effective_annotation(msg, self)
@@ -213,53 +212,40 @@ class SiteRuleMessenger(Messenger):
         if spec is None:
             return
         est = resolve_estimator(spec, name)
-        kind = site_kind(est, name)
-        msg["infer"][ESTIMATOR_KEY] = est
         fn = msg["fn"]
+        check_supported(est, name, fn)
+        msg["infer"][ESTIMATOR_KEY] = est
         logits = bernoulli_logits(name, fn, est.name)
         given = msg["value"]
-        extra: dict[str, Tensor] = {}
         probs: Tensor | None = None
-        hard: Tensor | None = None
-        if kind == "exact":
+        assigned: Tensor | None = None
+        uniforms: Callable[[str, torch.Size, torch.dtype], Tensor]
+        if est.site_enumerates:
             if run.table is None:
-                value = torch.zeros_like(logits.detach())
+                assigned = torch.zeros_like(logits.detach())
             elif name not in run.table:
                 raise ValueError(
-                    f"site {name!r} (estimator 'exact') did not appear in the first run; "
-                    "enumeration needs the same exact sites in every run"
+                    f"site {name!r} (estimator {est.name!r}) did not appear in the first run; "
+                    "enumeration needs the same enumerated sites in every run"
                 )
             else:
-                value = run.table[name].to(logits.dtype).expand_as(logits)
-            hard = value
+                assigned = run.table[name]
+            uniforms = _no_uniforms
         else:
             probs = torch.sigmoid(logits.detach())
             given_hard = None if given is None else _positive(given, logits.dtype)
             uniforms = _ConditionalUniforms(probs, given_hard)
-            if kind == "perturbation":
-                u = uniforms(name, logits.shape, logits.dtype)
-                offset = run.perturb.get(name)
-                shifted = logits.detach() if offset is None else logits.detach() + offset
-                value = hard_sample(shifted, u)
-                extra = {"u": u}
-            elif kind == "score" and getattr(type(est), "rule", None) is ScoreFunction.rule:
-                # ScoreFunction.rule with ``probs`` (= sigmoid of the detached logits) reused:
-                # the same numbers; the value is already hard (in {0, 1}, no gradient)
-                u = uniforms(name, logits.shape, logits.dtype)
-                value = below(u, probs, logits.dtype)
-                extra = {"log_prob": bernoulli_log_prob(logits, value)}
-                hard = value
-            else:
-                value, extra = est.rule(uniforms)(name, logits)  # type: ignore[attr-defined]
-            if hard is None:
-                hard = _positive(value, logits.dtype)
-        if kind == "unit":
+        out = est.site_value(
+            SiteInput(name, fn, logits, probs, uniforms, run.perturb.get(name), assigned)
+        )
+        value = out.value
+        hard = out.hard if out.hard is not None else _positive(value, logits.dtype)
+        if not est.site_validates:
             msg["fn"] = without_validation(fn)
         msg["value"] = value
         run.records[name] = SiteRecord(
             name=name,
             estimator=est,
-            kind=kind,
             logits=logits,
             hard=hard,
             value=value,
@@ -267,7 +253,7 @@ class SiteRuleMessenger(Messenger):
             frames=tuple(msg["cond_indep_stack"]),
             mask=msg["mask"] if isinstance(msg["mask"], Tensor) else None,
             baseline_input=msg["infer"].get(BASELINE_INPUT_KEY),
-            extra=extra,
+            extra=out.extra,
             probs=probs,
         )
 
@@ -333,52 +319,28 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Enumeration of exact sites
+# Enumerated sites and re-runs: asked of the estimators through their hooks
 # ---------------------------------------------------------------------------------------------
 
 
-def exact_tables(records: Iterable[SiteRecord], max_sites: int) -> list[dict[str, Tensor]]:
-    """Every joint configuration of the ``exact`` sites' units, as value tables."""
-    exact = [r for r in records if r.kind == "exact"]
-    shapes = {r.name: r.logits.shape for r in exact}
-    n = sum(math.prod(s) for s in shapes.values())
-    if n > max_sites:
-        raise ValueError(
-            f"sites {sorted(shapes)} (estimator 'exact') hold {n} binary units; enumeration is "
-            f"limited to max_sites={max_sites} (2^{max_sites} runs). Use another estimator for "
-            "some of them or raise max_sites on the Exact object"
-        )
-    first = exact[0].logits
-    idx = torch.arange(2**n, device=first.device)
-    bits = ((idx.unsqueeze(1) >> torch.arange(n, device=first.device)) & 1).to(first.dtype)
-    tables: list[dict[str, Tensor]] = [{} for _ in range(2**n)]
-    start = 0
-    for name, shape in shapes.items():
-        k = math.prod(shape)
-        block = bits[:, start : start + k].reshape(2**n, *shape)
-        for c in range(2**n):
-            tables[c][name] = block[c]
-        start += k
-    return tables
+def enumerated(records: Iterable[SiteRecord]) -> list[SiteRecord]:
+    return [r for r in records if r.estimator.site_enumerates]
 
 
-def exact_log_weight(records: Iterable[SiteRecord]) -> Tensor | float:
-    """``log q(config)`` of the exact sites of a run (differentiable)."""
+def enumeration_tables(records: Iterable[SiteRecord]) -> list[dict[str, Tensor]]:
+    """Every joint configuration of the enumerated sites, as value tables (one per run)."""
+    recs = enumerated(records)
+    return recs[0].estimator.site_configurations(recs)
+
+
+def log_weight(records: Iterable[SiteRecord]) -> Tensor | float:
+    """``log`` of the run's weight (enumerated sites; differentiable), ``0.0`` if none."""
     total: Tensor | float = 0.0
     for r in records:
-        if r.kind == "exact":
-            total = total + r.log_q().sum()
+        w = r.estimator.site_log_weight(r)
+        if w is not None:
+            total = total + w
     return total
-
-
-def max_exact_sites(records: Iterable[SiteRecord]) -> int:
-    limits = [r.estimator.max_sites for r in records if r.kind == "exact"]  # type: ignore
-    return min(limits)
-
-
-# ---------------------------------------------------------------------------------------------
-# Perturbation directions
-# ---------------------------------------------------------------------------------------------
 
 
 def perturbed_reruns(
@@ -386,105 +348,42 @@ def perturbed_reruns(
     generator: torch.Generator,
     start: Mapping[str, Any],
     rerun: Any,
-) -> list[tuple[Estimator, list[tuple[float, dict[str, Tensor], Any]], dict[str, Tensor]]]:
-    """Run every planned perturbation of these sites, each from the random state ``start``.
+) -> list[tuple[Estimator, Reruns, list[Any]]]:
+    """Run every re-run the sites' estimators ask for, each from the random state ``start``.
 
     ``rerun(offsets)`` executes the program once with the pre-activation ``offsets`` and
     returns what the caller needs of it (a cost, a log-ratio); it runs without gradients.
-    Returns ``[(estimator, [(coef, offsets, rerun(offsets))...], directions)]``.
-    """
-    out = []
-    for est, plan, dirs in perturbation_plans(records, generator):
-        done = []
-        for coef, offsets in plan:
-            set_rng_state(start)
-            with torch.no_grad():
-                done.append((coef, offsets, rerun(offsets)))
-        out.append((est, done, dirs))
-    return out
-
-
-def perturbation_plans(
-    records: Iterable[SiteRecord], generator: torch.Generator
-) -> list[tuple[Estimator, list[tuple[float, dict[str, Tensor]]], dict[str, Tensor]]]:
-    """For each perturbation estimator: its re-runs and how to turn their costs into ``g_a``.
-
-    Returns ``[(estimator, [(coef, {site: offset})...], directions)]``. The estimate of
-    ``dE[L]/da`` at a site is ``sum_j coef_j * L_j * w_j`` where ``L_j`` is the cost of re-run
-    ``j`` and ``w_j`` its direction at the site (``directions`` holds them keyed by
-    ``f"{j}:{site}"``); the base run's cost enters with ``coef`` as described per estimator.
+    Returns ``[(estimator, reruns, [rerun(offsets) per re-run])]``, one entry per estimator
+    object, in the order its sites first appear.
     """
     groups: dict[int, list[SiteRecord]] = {}
     for r in records:
-        if r.kind == "perturbation":
+        if r.estimator.site_perturbs:
             groups.setdefault(id(r.estimator), []).append(r)
-    plans = []
+    out = []
     for recs in groups.values():
         est = recs[0].estimator
-        runs: list[tuple[float, dict[str, Tensor]]] = []
-        dirs: dict[str, Tensor] = {}
-
-        def randn(like: Tensor) -> Tensor:
-            return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
-
-        if isinstance(est, NodePerturbation):
-            # g_a = (L(a + xi) - L(a)) xi / sigma^2
-            offsets = {r.name: est.sigma * randn(r.logits) for r in recs}
-            runs.append((1.0 / est.sigma**2, offsets))
-            for r in recs:
-                dirs[f"0:{r.name}"] = offsets[r.name]
-        elif isinstance(est, SPSA):
-            # g_a = mean_j [L(a + c D_j) - L(a - c D_j)] D_j / (2 c)   (1 / D = D for +-1)
-            for j in range(est.num_pairs):
-                delta = {r.name: (2 * (randn(r.logits) > 0).to(r.logits.dtype) - 1) for r in recs}
-                coef = 1.0 / (2 * est.c * est.num_pairs)
-                runs.append((coef, {k: est.c * d for k, d in delta.items()}))
-                runs.append((-coef, {k: -est.c * d for k, d in delta.items()}))
-                for k, d in delta.items():
-                    dirs[f"{2 * j}:{k}"] = d
-                    dirs[f"{2 * j + 1}:{k}"] = d
-        elif isinstance(est, FiniteDifference):
-            # g_{a_i} = [L(a + eps e_i) - L(a - eps e_i)] / (2 eps), one coordinate at a time;
-            # plate slices are independent and credited with their own cost, so coordinate i
-            # moves in every slice of the site's plates at once.
-            j = 0
-            for r in recs:
-                for e in _coordinates(r):
-                    for sign in (1.0, -1.0):
-                        runs.append((sign / (2 * est.eps), {r.name: sign * est.eps * e}))
-                        dirs[f"{j}:{r.name}"] = e
-                        j += 1
-        plans.append((est, runs, dirs))
-    return plans
-
-
-def _coordinates(record: SiteRecord) -> Iterable[Tensor]:
-    """One-hot directions over the site's non-plate dims, spanning all its plate slices."""
-    logits = record.logits
-    batch_ndim = logits.dim() - record.event_dim
-    plate = {batch_ndim + f.dim for f in record.frames if f.vectorized and -f.dim <= batch_ndim}
-    free = [d for d in range(logits.dim()) if d not in plate]
-    sizes = [logits.shape[d] for d in free]
-    for index in itertools.product(*(range(n) for n in sizes)):
-        e = torch.zeros_like(logits.detach())
-        where: list[Any] = [slice(None)] * logits.dim()
-        for d, i in zip(free, index):
-            where[d] = i
-        e[tuple(where)] = 1.0
-        yield e
+        plan = est.site_reruns(recs, generator)
+        done = []
+        for offsets in plan.offsets:
+            set_rng_state(start)
+            with torch.no_grad():
+                done.append(rerun(offsets))
+        out.append((est, plan, done))
+    return out
 
 
 __all__ = [
-    "KINDS",
     "Run",
     "SiteRecord",
     "SiteRuleMessenger",
     "TrackUnannotated",
-    "exact_log_weight",
-    "exact_tables",
-    "perturbation_plans",
+    "base_distribution",
+    "check_supported",
+    "enumeration_tables",
+    "log_weight",
+    "perturbed_reruns",
     "rng_state",
     "set_rng_state",
-    "site_kind",
     "without_validation",
 ]

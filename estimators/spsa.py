@@ -22,15 +22,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from .base import Cost, Estimator, Rng, check_positive_float, check_positive_int
-from .perturbation import evaluate, flat_params, unflatten, uniforms_for
+from .base import Cost, Estimator, Reruns, Rng, check_positive_float, check_positive_int
+from .perturbation import (
+    PerturbationSites,
+    evaluate,
+    flat_params,
+    randn_like,
+    unflatten,
+    uniforms_for,
+)
 from .registry import register
 
 
 @register
-class SPSA(Estimator):
+class SPSA(PerturbationSites, Estimator):
     """Two-evaluation simultaneous-perturbation gradient estimate."""
 
     name = "spsa"
@@ -59,6 +67,21 @@ class SPSA(Estimator):
 
     def cost(self, objective: Any) -> Cost:
         return Cost(evals=2.0 * self.num_pairs, backwards=0.0)
+
+    def site_reruns(self, records: Any, generator: torch.Generator) -> Reruns:
+        # g_a = mean_j [L(a + c D_j) - L(a - c D_j)] D_j / (2 c)   (1 / D = D for +-1)
+        offsets, coefs, dirs = [], [], []
+        coef = 1.0 / (2 * self.c * self.num_pairs)
+        for _ in range(self.num_pairs):
+            delta = {
+                r.name: (2 * (randn_like(r.logits, generator) > 0).to(r.logits.dtype) - 1)
+                for r in records
+            }
+            for sign in (1.0, -1.0):
+                offsets.append({k: sign * self.c * d for k, d in delta.items()})
+                coefs.append(sign * coef)
+                dirs.append(delta)
+        return Reruns(offsets, data=(coefs, dirs))
 
     def gains(self, k: int) -> tuple[float, float]:
         """Spall's step sizes at iteration ``k``: ``(a_k, c_k)``."""

@@ -39,6 +39,8 @@ class StraightThrough(SurrogateEstimator):
     unbiased = "no"
     description = "hard sample forward, identity (or sigmoid-slope) backward (paper Sec. 4)"
 
+    site_distributions = ("Bernoulli",)
+
     def __init__(self, variant: str = "identity"):
         self.variant = check_choice("variant", variant, VARIANTS)
 

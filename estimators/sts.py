@@ -42,6 +42,9 @@ class STS(SurrogateEstimator):
     unbiased = "no"
     description = "stochastic-times-smooth unit h = b*sqrt(p) (paper Eq. 2); surrogate unit"
 
+    site_distributions = ("Bernoulli",)
+    site_validates = False  # values outside {0, 1}: densities evaluated unvalidated
+
     def __init__(self, variant: str = "paper"):
         self.variant = check_choice("variant", variant, VARIANTS)
 

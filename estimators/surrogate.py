@@ -70,15 +70,14 @@ from pyro.distributions.util import is_identically_zero
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
-from .base import check_positive_int
-from .score_function import ScoreFunction
+from .base import Estimator, SiteCosts, check_positive_int
 from .sites import (
     Run,
     SiteRecord,
     SiteRuleMessenger,
-    exact_log_weight,
-    exact_tables,
-    max_exact_sites,
+    enumerated,
+    enumeration_tables,
+    log_weight,
     perturbed_reruns,
     rng_state,
     set_rng_state,
@@ -143,9 +142,9 @@ class _Execution:
             raise TypeError(f"the program's cost must be a floating tensor, got {cost.dtype}")
         self.cost = cost
         self.records = run.records
-        self.log_weight: Tensor | float = exact_log_weight(self.records.values())
-        # perturbation re-runs: (estimator, [(coef, offsets, cost)], directions)
-        self.perturbed: list[tuple[Any, list[tuple[float, dict[str, Tensor], Tensor]], dict]] = []
+        self.log_weight: Tensor | float = log_weight(self.records.values())
+        # re-runs: (estimator, Reruns, [cost of each re-run])
+        self.perturbed: list[tuple[Any, Any, list[Tensor]]] = []
 
 
 class Surrogate:
@@ -175,47 +174,47 @@ class Surrogate:
             acc: dict[str, Tensor] = {}
             for e, w in zip(runs, ws):
                 for name, r in e.records.items():
-                    if r.kind == "score":
+                    if r.estimator.site_needs_peers:
                         c = _detach(w) * reduce_cost(e.cost, r)
                         acc[name] = acc[name] + c if name in acc else c
             site_costs.append(acc)
 
         value: Tensor | float = 0.0
         surrogate: Tensor | float = 0.0
-        updates: dict[tuple[int, str], tuple[ScoreFunction, SiteRecord, list]] = {}
+        updates: dict[tuple[int, str], tuple[Estimator, SiteRecord, list]] = {}
         for i, (runs, ws) in enumerate(zip(particles, weights)):
             for e, w in zip(runs, ws):
                 total = e.cost.sum()
                 s = total + _stock_score_terms(e)
                 for name, r in e.records.items():
-                    if r.kind == "score":
-                        est = r.estimator
-                        assert isinstance(est, ScoreFunction)
-                        cost_u = reduce_cost(e.cost, r)
-                        others: Tensor | None = None
-                        if k > 1:
-                            rest = [site_costs[j][name] for j in range(k) if j != i]
-                            others = torch.stack(rest).sum(0) / (k - 1)
-                        b = est.site_baseline(
-                            name,
-                            cost_u,
-                            r.event_dim,
-                            others=others,
-                            baseline_input=r.baseline_input,
-                        )
-                        s = s + (r.log_q() * r.unit_mask() * (cost_u - b).detach()).sum()
-                        key = (id(est), name)
-                        probs = torch.sigmoid(r.logits.detach())
-                        sample = (_detach(w) / k, cost_u, r.hard, probs, r.baseline_input)
-                        updates.setdefault(key, (est, r, []))[2].append(sample)
-                s = s + _perturbation_terms(e)
+                    est = r.estimator
+                    if type(est).site_term is Estimator.site_term:
+                        continue
+                    cost_u = reduce_cost(e.cost, r)
+                    others: Tensor | None = None
+                    if est.site_needs_peers and k > 1:
+                        rest = [site_costs[j][name] for j in range(k) if j != i]
+                        others = torch.stack(rest).sum(0) / (k - 1)
+                    reruns, changes = None, []
+                    for owner, plan, done in e.perturbed:
+                        if owner is est:
+                            reruns = plan
+                            changes = [
+                                reduce_cost(c - e.cost.detach(), r) if name in offsets else None
+                                for offsets, c in zip(plan.offsets, done)
+                            ]
+                    state = updates.setdefault((id(est), name), (est, r, []))[2]
+                    costs = SiteCosts(cost_u, others, reruns, changes, _detach(w) / k, None, state)
+                    term = est.site_term(r, costs)
+                    if isinstance(term, Tensor) or term != 0.0:
+                        s = s + term
                 value = value + _detach(w) * total.detach()
                 surrogate = surrogate + _detach(w) * s + w * total.detach()
         value = value / k
         surrogate = surrogate / k
         if self.update:
             for est, r, samples in updates.values():
-                est.site_update(r.name, samples, r.event_dim)
+                est.site_commit(r, samples, None)
         assert isinstance(value, Tensor) and isinstance(surrogate, Tensor)
         loss = value + (surrogate - surrogate.detach())
         first = particles[0][0]
@@ -229,8 +228,8 @@ class Surrogate:
         base = _Execution(fn, args, kwargs, Run())
         after = rng_state()
         runs = [base]
-        if any(r.kind == "exact" for r in base.records.values()):
-            tables = exact_tables(base.records.values(), max_exact_sites(base.records.values()))
+        if enumerated(base.records.values()):
+            tables = enumeration_tables(base.records.values())
             for table in tables[1:]:
                 set_rng_state(start)
                 runs.append(_Execution(fn, args, kwargs, Run(table=table)))
@@ -269,22 +268,6 @@ def _stock_score_terms(e: _Execution) -> Tensor | float:
             continue
         cost = _sum_to_frames(e.cost, tuple(site["cond_indep_stack"]))
         total = total + (parts.score_function * cost).sum()
-    return total
-
-
-def _perturbation_terms(e: _Execution) -> Tensor | float:
-    """``sum_a a * g_a`` with ``g_a = sum_j coef_j (L_j - L) w_j`` (detached)."""
-    total: Tensor | float = 0.0
-    for _, done, dirs in e.perturbed:
-        for name, r in e.records.items():
-            g: Tensor | float = 0.0
-            for j, (coef, offsets, cost) in enumerate(done):
-                if name not in offsets:
-                    continue
-                diff = reduce_cost(cost - e.cost.detach(), r)
-                g = g + coef * diff * dirs[f"{j}:{name}"]
-            if isinstance(g, Tensor):
-                total = total + (r.logits * (g * r.unit_mask()).detach()).sum()
     return total
 
 

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.distributions.transforms import AffineTransform, SigmoidTransform
 
 from stochgrad import estimators
-from stochgrad.estimators.base import Estimator
+from stochgrad.estimators.base import Estimator, SiteInput, SiteValue
 from stochgrad.estimators.surrogate import Surrogate
 
 __all__ = [
@@ -97,15 +97,19 @@ __all__ = [
 
 
 class _BaselineUnit(Estimator):
-    """A deterministic unit substituted at a Bernoulli site (``site_kind = "unit"``).
+    """A deterministic unit substituted at a Bernoulli site (a value outside {0, 1}).
 
     It plugs into the toolkit's site machinery like the ``sts`` and ``noisy_rectifier`` units,
     so the paper's baselines run through the same annotation, but it is not a gradient
     estimator for Bernoulli units (nothing is sampled) and is not registered.
     """
 
-    site_kind = "unit"
     unbiased = "no"
+    site_distributions = ("Bernoulli",)
+    site_validates = False  # the densities are evaluated, unvalidated, at the unit's value
+
+    def site_value(self, site: SiteInput) -> SiteValue:
+        return SiteValue(self.value(site.logits))
 
     def rule(self, uniforms: Any) -> Callable[[str, Tensor], tuple[Tensor, dict[str, Tensor]]]:
         def rule(name: str, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
