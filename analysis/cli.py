@@ -18,6 +18,7 @@ import importlib
 import sys
 import textwrap
 import time
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -289,7 +290,10 @@ def _figures(out: str, no_plots: bool) -> list[str]:
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
-    if getattr(args, "threads", None):
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = torch's own choice), got {threads}")
+    if threads:
         import torch
 
         torch.set_num_threads(args.threads)
@@ -510,6 +514,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser = build_parser(reproduce)
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(args, reproduce)
+    except KeyboardInterrupt:
+        print(
+            f"stochgrad {args.command}: interrupted; finished cells are kept: re-run the same "
+            "command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except (ValueError, TypeError, OSError, zipfile.BadZipFile) as e:
+        # Bad names, options, grids, files and incompatible directories: one line, no trace.
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"stochgrad {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, reproduce: Any) -> int:
     if args.command == "reproduce":
         assert reproduce is not None
         rc = reproduce.run(args)
@@ -522,11 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plot": cmd_plot,
         "bench": cmd_bench,
     }
-    try:
-        return commands[args.command](args)
-    except ValueError as e:  # bad names, options, grids, incompatible directories
-        print(f"stochgrad {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return int(commands[args.command](args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -406,6 +406,61 @@ def _draw_chunks(
             progress(n)
 
 
+MAX_SEED = 2**63 - 1
+
+
+def check_run_options(
+    *,
+    num_draws: Any = None,
+    level: Any = None,
+    seed: Any = None,
+    max_evals: Any = None,
+    ints: Mapping[str, Any] | None = None,
+) -> None:
+    """Refuse bad run-level values before any cell runs or any directory is written.
+
+    ``num_draws`` must be an int >= 2, ``level`` in (0, 1), ``seed`` an int in
+    ``[0, 2^63 - 1]``, ``max_evals`` ``None`` or a positive finite number, and every entry of
+    ``ints`` (name -> value, e.g. training steps) a positive int.
+    """
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if num_draws is not None and not (is_int(num_draws) and num_draws >= 2):
+        raise ValueError(f"draws must be an int >= 2 (a variance needs 2 draws), got {num_draws!r}")
+    if level is not None and not (isinstance(level, (int, float)) and 0.0 < level < 1.0):
+        raise ValueError(f"level must be in (0, 1), e.g. 0.95, got {level!r}")
+    if seed is not None and not (is_int(seed) and 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an int in [0, 2^63 - 1], got {seed!r}")
+    if max_evals is not None and not (
+        isinstance(max_evals, (int, float)) and math.isfinite(max_evals) and max_evals > 0
+    ):
+        raise ValueError(
+            f"max_evals must be a positive number (or 0/None: no cap), got {max_evals!r}"
+        )
+    for name, v in (ints or {}).items():
+        if not (is_int(v) and v >= 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _capped(table: pd.DataFrame, num_draws: int, max_evals: Any, echo: Any) -> dict[str, int]:
+    """Cells that got fewer draws than ``num_draws`` (the ``max_evals`` cap); said once."""
+    if table.empty or "draws" not in table:
+        return {}
+    cols = [c for c in ("model", "estimator", "sweep_value") if c in table]
+    low = table[table["draws"] < num_draws].drop_duplicates(cols)
+    caps = {" / ".join(str(r[c]) for c in cols): int(r["draws"]) for _, r in low.iterrows()}
+    if caps:
+        _log(
+            echo,
+            f"note: --draws {num_draws} is over the --max-evals {max_evals:g} budget of "
+            f"{len(caps)} cell(s), which got fewer draws (fewest: {min(caps.values())}); see "
+            "the draws column and run.json 'capped'; --max-evals 0 lifts the cap",
+        )
+    return caps
+
+
 MIN_CAPPED_DRAWS = 1000
 
 
@@ -620,6 +675,7 @@ def run_compare(
     (``ValueError``/``TypeError`` while estimating, e.g. ``exact`` beyond its enumeration
     limit) are skipped with the reason recorded in ``run.json`` and ``table.attrs``.
     """
+    check_run_options(num_draws=num_draws, level=level, seed=seed, max_evals=max_evals)
     models, estimators = list(models), list(estimators)
     if not models:
         raise ValueError("no models given; e.g. --models toy:target=0.45 sbn")
@@ -682,10 +738,14 @@ def run_compare(
     wall = time.perf_counter() - t_start
     if results is not None:
         table = results.rebuild(plan)
-        results.finish(skipped=skipped, wall_seconds=round(wall, 3), intervals=INTERVALS)
+        capped = _capped(table, num_draws, max_evals, echo)
+        results.finish(
+            skipped=skipped, wall_seconds=round(wall, 3), intervals=INTERVALS, capped=capped
+        )
     else:
         ordered = [frames[k] for k in plan if k in frames]
         table = pd.concat(ordered, ignore_index=True) if ordered else pd.DataFrame()
+        _capped(table, num_draws, max_evals, echo)
     table.attrs["skipped"] = skipped
     return table
 
@@ -754,6 +814,7 @@ def run_sweep(
     given (without the swept option) so that one estimator is one series.
     ``cell_hook(key)`` is called after each finished cell (used by tests to interrupt).
     """
+    check_run_options(num_draws=num_draws, level=level, seed=seed, max_evals=max_evals)
     values = parse_grid(grid)
     target, option = _resolve_sweep_target(model, param)
     m_name, m_opts = parse_spec(model)
@@ -848,10 +909,14 @@ def run_sweep(
     wall = time.perf_counter() - t_start
     if results is not None:
         table = results.rebuild(plan)
-        results.finish(skipped=skipped, wall_seconds=round(wall, 3), intervals=INTERVALS)
+        capped = _capped(table, num_draws, max_evals, echo)
+        results.finish(
+            skipped=skipped, wall_seconds=round(wall, 3), intervals=INTERVALS, capped=capped
+        )
     else:
         ordered = [frames[k] for k in plan if k in frames]
         table = pd.concat(ordered, ignore_index=True) if ordered else pd.DataFrame()
+        _capped(table, num_draws, max_evals, echo)
     table.attrs["skipped"] = skipped
     return table
 
@@ -966,6 +1031,9 @@ def run_train(
     One results cell per (estimator, seed); ``summary.csv`` holds the curves
     (:data:`TRAIN_COLUMNS`). Estimators that refuse the model are skipped (run.json says why).
     """
+    check_run_options(seed=seed, ints={"steps": steps, "batch": batch, "eval_every": eval_every})
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     estimators = list(estimators)
     if not estimators:
         raise ValueError("no estimators given")

@@ -94,6 +94,8 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 from torch.distributions import Bernoulli, Distribution, Independent
 
+from . import checks
+
 UNBIASED = ("yes", "no", "asymptotic")
 
 # Elements (draws x evaluations x units) processed at once when no chunk size is given.
@@ -564,6 +566,7 @@ class Estimator:
         """
         check_positive_int("num_draws", num_draws)
         check_objective(objective)
+        checks.check_draw_budget(self, objective, num_draws)
         rng = Rng(seed, _device_of(objective))
         if chunk_size is None:
             chunk_size = self.default_chunk_size(objective)
@@ -579,7 +582,9 @@ class Estimator:
             done += n
             if progress is not None:
                 progress(n)
-        return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+        out = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+        checks.check_finite_draws(self, objective, out)
+        return out
 
     def default_chunk_size(self, objective: Any) -> int:
         units = sum(math.prod(s) for s in site_units(objective).values())

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gzip
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,7 +209,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if magic != b"PK\x03\x04":
         raise ValueError(f"{path}: not a readable .npz archive (no zip signature)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as archive:
             found = sorted(archive.files)
             missing = [k for k in NPZ_KEYS if k not in found]
             if missing:
@@ -217,7 +218,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                     f"mnist.npz keys {list(NPZ_KEYS)}"
                 )
             return {k: archive[k] for k in NPZ_KEYS}
-    except (OSError, EOFError) as err:  # truncated archive
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # truncated archive
         raise ValueError(f"{path}: not a readable .npz archive ({err})") from err
 
 
