@@ -649,6 +649,12 @@ def _log(echo: Callable[[str], None] | None, msg: str) -> None:
         echo(msg)
 
 
+def _executor(executor: Any) -> Any:
+    from .executor import LocalExecutor
+
+    return LocalExecutor() if executor is None else executor
+
+
 def run_compare(
     models: Sequence[str] = DEFAULT_MODELS,
     estimators: Sequence[str] = PAPER_ESTIMATORS,
@@ -664,10 +670,12 @@ def run_compare(
     max_evals: float | None = DEFAULT_MAX_EVALS,
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
+    executor: Any = None,
 ) -> pd.DataFrame:
     """Every estimator spec on every model spec; one results cell per pair.
 
     ``max_evals`` caps the model evaluations per cell (see :func:`cell_draws`).
+    ``executor``: where the cells run (:mod:`stochgrad.analysis.executor`; default here).
 
     Names and options are all checked before any work or any write. With ``out``, each
     finished cell is appended to the results directory and finished cells found there are
@@ -708,33 +716,44 @@ def run_compare(
     t_start = time.perf_counter()
     frames: dict[str, pd.DataFrame] = {}
     skipped: list[dict[str, str]] = []
-    with _progress_bar(len(todo) * num_draws, "compare", progress) as bar:
+    ex = _executor(executor)
+    labels: dict[str, tuple[str, str]] = {}
+
+    def cells() -> Iterable[Any]:  # lazily: the reference is made just before a model's cells
+        from .executor import Cell
+
         for obj, m_label in zip(objectives, m_labels):
             ref = None
             for spec, e_label in zip(estimators, e_labels):
                 key = _cell_key(m_label, e_label)
                 if key not in todo:
                     continue
-                bar.set_postfix_str(f"{m_label} / {e_label}", refresh=False)
                 if ref is None:
                     ref = reference_gradient(
                         obj, seed=seed, reference_draws=reference_draws,
                         chunk_elements=chunk_elements,
                     )  # fmt: skip
-                try:
-                    cell = evaluate(
-                        obj, make_estimator(spec), num_draws, seed, reference=ref,
-                        model_label=m_label, estimator_label=e_label, level=level, groups=groups,
-                        chunk_elements=chunk_elements, max_evals=max_evals, progress=bar.update,
-                    )  # fmt: skip
-                except (ValueError, TypeError) as e:  # reported in table.attrs and run.json
-                    skipped.append({"model": m_label, "estimator": e_label, "reason": str(e)})
-                    bar.update(num_draws)
-                    continue
-                bar.update(num_draws - int(cell.summary["draws"].iloc[0]))
-                frames[key] = cell.summary
-                if results is not None:
-                    results.append(key, cell.summary, cell.coords, plan=plan)
+                labels[key] = (m_label, e_label)
+                kwargs = dict(
+                    reference=ref, model_label=m_label, estimator_label=e_label, level=level,
+                    groups=groups, chunk_elements=chunk_elements, max_evals=max_evals,
+                )  # fmt: skip
+                yield Cell(key, evaluate, (obj, make_estimator(spec), num_draws, seed), kwargs,
+                           f"{m_label} / {e_label}", "progress")  # fmt: skip
+
+    enabled = progress if ex.in_process else False  # a Ray run shows a bar over cells
+    with _progress_bar(len(todo) * num_draws, "compare", enabled) as bar:
+        for c, cell in ex.run(cells(), bar):
+            key = c.key
+            m_label, e_label = labels[key]
+            if isinstance(cell, Exception):  # refused the model: in table.attrs and run.json
+                skipped.append({"model": m_label, "estimator": e_label, "reason": str(cell)})
+                bar.update(num_draws)
+                continue
+            bar.update(num_draws - int(cell.summary["draws"].iloc[0]))
+            frames[key] = cell.summary
+            if results is not None:
+                results.append(key, cell.summary, cell.coords, plan=plan)
     wall = time.perf_counter() - t_start
     if results is not None:
         table = results.rebuild(plan)
@@ -804,6 +823,7 @@ def run_sweep(
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
     cell_hook: Callable[[str], None] | None = None,
+    executor: Any = None,
 ) -> pd.DataFrame:
     """Statistics of each estimator at every value of a model or estimator option.
 
@@ -813,6 +833,7 @@ def run_sweep(
     summary columns plus ``sweep_param`` and ``sweep_value``; ``estimator`` keeps the label
     given (without the swept option) so that one estimator is one series.
     ``cell_hook(key)`` is called after each finished cell (used by tests to interrupt).
+    ``executor``: where the cells run (:mod:`stochgrad.analysis.executor`; default here).
     """
     check_run_options(num_draws=num_draws, level=level, seed=seed, max_evals=max_evals)
     values = parse_grid(grid)
@@ -860,7 +881,12 @@ def run_sweep(
     frames: dict[str, pd.DataFrame] = {}
     skipped: list[dict[str, str]] = []
     t_start = time.perf_counter()
-    with _progress_bar(len(todo) * num_draws, "sweep", progress) as bar:
+    ex = _executor(executor)
+    swept: dict[str, Any] = {}
+
+    def cells() -> Iterable[Any]:  # lazily: each reference just before its cells
+        from .executor import Cell
+
         shared_obj = make_objective(model, device) if target == "estimator" else None
         shared_ref = None
         for v in values:
@@ -884,28 +910,32 @@ def run_sweep(
                 key = keys[e_label]
                 if key not in todo:
                     continue
-                bar.set_postfix_str(f"{e_label} {option}={v}", refresh=False)
                 extra = {option: v} if target == "estimator" else {}
-                try:
-                    cell = evaluate(
-                        obj, make_estimator(spec, **extra), num_draws, seed, reference=ref,
-                        model_label=m_label, estimator_label=e_label, level=level,
-                        groups=groups, chunk_elements=chunk_elements, max_evals=max_evals,
-                        progress=bar.update,
-                    )  # fmt: skip
-                except (ValueError, TypeError) as e:
-                    skipped.append({"cell": key, "reason": str(e)})
-                    _log(echo, f"skipped {key}: {str(e).splitlines()[0]}")
-                    bar.update(num_draws)
-                    continue
-                bar.update(num_draws - int(cell.summary["draws"].iloc[0]))
-                summary = cell.summary.assign(sweep_param=param, sweep_value=v)
-                coords = cell.coords.assign(sweep_param=param, sweep_value=v)
-                frames[key] = summary
-                if results is not None:
-                    results.append(key, summary, coords, plan=plan)
-                if cell_hook is not None:
-                    cell_hook(key)
+                swept[key] = v
+                kwargs = dict(
+                    reference=ref, model_label=m_label, estimator_label=e_label, level=level,
+                    groups=groups, chunk_elements=chunk_elements, max_evals=max_evals,
+                )  # fmt: skip
+                yield Cell(key, evaluate, (obj, make_estimator(spec, **extra), num_draws, seed),
+                           kwargs, f"{e_label} {option}={v}", "progress")  # fmt: skip
+
+    enabled = progress if ex.in_process else False  # a Ray run shows a bar over cells
+    with _progress_bar(len(todo) * num_draws, "sweep", enabled) as bar:
+        for c, cell in ex.run(cells(), bar):
+            key, v = c.key, swept[c.key]
+            if isinstance(cell, Exception):
+                skipped.append({"cell": key, "reason": str(cell)})
+                _log(echo, f"skipped {key}: {str(cell).splitlines()[0]}")
+                bar.update(num_draws)
+                continue
+            bar.update(num_draws - int(cell.summary["draws"].iloc[0]))
+            summary = cell.summary.assign(sweep_param=param, sweep_value=v)
+            coords = cell.coords.assign(sweep_param=param, sweep_value=v)
+            frames[key] = summary
+            if results is not None:
+                results.append(key, summary, coords, plan=plan)
+            if cell_hook is not None:
+                cell_hook(key)
     wall = time.perf_counter() - t_start
     if results is not None:
         table = results.rebuild(plan)
@@ -1025,6 +1055,7 @@ def run_train(
     device: str = "cpu",
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
+    executor: Any = None,
 ) -> pd.DataFrame:
     """Training curves of every estimator over ``seeds`` seeds (``seed, seed+1, ...``).
 
@@ -1064,28 +1095,35 @@ def run_train(
     skipped: list[dict[str, str]] = []
     from tqdm.auto import tqdm
 
-    with tqdm(
-        total=len(todo) * steps, desc="train", unit="step", disable=_disable(progress)
-    ) as bar:
+    ex = _executor(executor)
+
+    def cells() -> Iterable[Any]:
+        from .executor import Cell
+
         for spec, e_label in zip(estimators, e_labels):
             for s in run_seeds:
                 key = _cell_key(m_label, e_label, f"seed={s}")
                 if key not in todo:
                     continue
-                bar.set_postfix_str(f"{e_label} seed={s}", refresh=False)
-                try:
-                    curve = train(
-                        model, spec, steps=steps, lr=lr, batch=batch, seed=s,
-                        eval_every=eval_every, device=device, model_label=m_label,
-                        estimator_label=e_label, progress=bar.update,
-                    )  # fmt: skip
-                except (ValueError, TypeError) as e:
-                    skipped.append({"cell": key, "reason": str(e)})
-                    _log(echo, f"skipped {key}: {str(e).splitlines()[0]}")
-                    continue
-                frames[key] = curve
-                if results is not None:
-                    results.append(key, curve, None, plan=plan)
+                kwargs = dict(
+                    steps=steps, lr=lr, batch=batch, seed=s, eval_every=eval_every, device=device,
+                    model_label=m_label, estimator_label=e_label,
+                )  # fmt: skip
+                yield Cell(key, train, (model, spec), kwargs, f"{e_label} seed={s}", "progress")
+
+    enabled = progress if ex.in_process else False  # a Ray run shows a bar over cells
+    with tqdm(
+        total=len(todo) * steps, desc="train", unit="step", disable=_disable(enabled)
+    ) as bar:
+        for c, curve in ex.run(cells(), bar):
+            key = c.key
+            if isinstance(curve, Exception):
+                skipped.append({"cell": key, "reason": str(curve)})
+                _log(echo, f"skipped {key}: {str(curve).splitlines()[0]}")
+                continue
+            frames[key] = curve
+            if results is not None:
+                results.append(key, curve, None, plan=plan)
     if results is not None:
         table = results.rebuild(plan)
         results.finish(skipped=skipped)
