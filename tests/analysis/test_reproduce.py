@@ -83,7 +83,9 @@ def test_argument_errors():
     sub = parser.add_subparsers(dest="command")
     reproduce.add_parser(sub)
     args = parser.parse_args(["reproduce", "paper", "--device", "cpu"])
-    assert args.func is reproduce.run and args.epochs == 10 and args.data is None
+    # --epochs resolves in run(): 10, or 1 under --smoke
+    assert args.func is reproduce.run and args.epochs is None and args.data is None
+    assert args.protocol == "original"
     with pytest.raises(SystemExit):
         parser.parse_args(["reproduce", "paper", "--device", "tpu"])
 
