@@ -106,6 +106,7 @@ SUMMARY_COLUMNS = [
     "backwards_per_draw",
     "bias_l2_lo",
     "bias_l2_hi",
+    "bias_noise_floor",
     "variance_lo",
     "variance_hi",
     "mse_lo",
@@ -144,9 +145,36 @@ CHUNK_ELEMENTS = 1 << 22
 #: How the confidence intervals are made (recorded in run.json).
 INTERVALS = (
     "batch means: draws dealt round-robin into `groups` groups, statistic per group, "
-    "estimate +- t_{level, groups-1} * sd/sqrt(groups); bias_l2 by the delta method on the "
-    "same groups; see stochgrad.analysis.stats"
+    "estimate +- t_{level, groups-1} * sd/sqrt(groups); bias_l2 is the debiased "
+    "sqrt(max(0, ||mean - g*||^2 - tr(Sigma)/N - ||r||^2)) with a leave-one-group-out "
+    "jackknife interval on the squared bias; see stochgrad.analysis.stats"
 )
+
+#: What each summary column means (recorded in run.json as "columns").
+COLUMN_MEANINGS = {
+    "draws": "number N of gradient draws in the cell",
+    "dim": "number d of coordinates of the parameter",
+    "bias_l2": "debiased bias sqrt(max(0, ||mean - g*||^2 - tr(Sigma_hat)/N - ||r||^2)); "
+    "about 0 for an unbiased estimator",
+    "bias_l2_lo/hi": "level interval for bias_l2 (jackknife over groups on the squared bias; "
+    "contains 0 for an unbiased estimator at the stated level)",
+    "bias_noise_floor": "sqrt(tr(Sigma_hat)/N + ||r||^2): the typical ||mean - g*|| of an "
+    "unbiased estimator from Monte Carlo noise alone",
+    "rel_bias": "bias_l2 / ||g*||",
+    "variance": "per-coordinate sample variance averaged over coordinates",
+    "mse": "(1/(N d)) sum_n ||g_n - g*||^2",
+    "cosine": "mean cosine between a draw and g*",
+    "snr": "||g*|| / sqrt(d * variance)",
+    "z_max": "max over coordinates of |mean_i - g*_i| / se_i (before the skewness correction)",
+    "p_unbiased": "p-value of 'no coordinate is biased': skewness-corrected per-coordinate "
+    "statistic, two-sided normal p-values, Bonferroni-Holm over coordinates",
+    "evals_per_draw": "model evaluations per draw",
+    "seconds_per_draw": "wall seconds per draw",
+    "work_variance": "variance * evals_per_draw",
+    "reference": "exact or estimated g*; reference_se_l2 = ||r||, its standard error",
+    "level": "confidence level of every interval",
+    "groups": "batch-means groups used by the intervals",
+}
 
 #: Model evaluations per cell in ``run_compare`` / ``run_sweep`` (the CLI) unless told.
 DEFAULT_MAX_EVALS = 1_000_000
@@ -759,7 +787,8 @@ def run_compare(
         table = results.rebuild(plan)
         capped = _capped(table, num_draws, max_evals, echo)
         results.finish(
-            skipped=skipped, wall_seconds=round(wall, 3), intervals=INTERVALS, capped=capped
+            skipped=skipped, wall_seconds=round(wall, 3), intervals=INTERVALS, capped=capped,
+            columns=COLUMN_MEANINGS,
         )
     else:
         ordered = [frames[k] for k in plan if k in frames]
@@ -941,7 +970,8 @@ def run_sweep(
         table = results.rebuild(plan)
         capped = _capped(table, num_draws, max_evals, echo)
         results.finish(
-            skipped=skipped, wall_seconds=round(wall, 3), intervals=INTERVALS, capped=capped
+            skipped=skipped, wall_seconds=round(wall, 3), intervals=INTERVALS, capped=capped,
+            columns=COLUMN_MEANINGS,
         )
     else:
         ordered = [frames[k] for k in plan if k in frames]

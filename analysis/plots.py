@@ -49,7 +49,8 @@ __all__ = [
     "save",
 ]
 
-_PALETTE = sns.color_palette("colorblind", 10)
+# the colour-blind-safe palette plus black and a dark teal: one colour per paper estimator
+_PALETTE = list(sns.color_palette("colorblind", 10)) + [(0.0, 0.0, 0.0), (0.0, 0.36, 0.36)]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 _FIXED = list(PAPER_ESTIMATORS)
 
@@ -57,7 +58,8 @@ _FIXED = list(PAPER_ESTIMATORS)
 def estimator_style(label: str) -> dict[str, Any]:
     """``{"color", "marker", ...}`` for an estimator label, the same in every figure.
 
-    The palette has 10 colours; slots past the tenth reuse a colour with a hollow marker.
+    The palette has 12 colours (one per paper estimator); later slots reuse a colour with a
+    hollow marker.
     """
     if label in _FIXED:
         i = _FIXED.index(label)
@@ -120,18 +122,23 @@ def _scale(ax: Any, axis: str, values: np.ndarray) -> None:
     if pos.size == 0:
         return
     if (v == 0).any():
+        # linear below the smallest positive decade; the zero gap grows with the range so
+        # that the "0" tick never runs into the first decade's label
+        lo = 10.0 ** math.floor(math.log10(float(pos.min())))
+        decades = max(1.0, math.log10(float(pos.max()) / lo))
         setter = ax.set_xscale if axis == "x" else ax.set_yscale
-        setter("symlog", linthresh=float(pos.min()))
+        setter("symlog", linthresh=lo, linscale=max(1.0, decades / 4))
         lim = ax.set_xlim if axis == "x" else ax.set_ylim
         lim(0, float(pos.max()) * 3)
     elif pos.max() / pos.min() > 10:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
-def _legend(fig: Figure, labels: Sequence[str]) -> None:
+def _legend(fig: Figure, labels: Sequence[str], *extra: Any) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], linestyle="-", **estimator_style(lab), label=lab) for lab in labels]
+    handles += [h for h in extra if h is not None]
     if len([a for a in fig.axes if a.get_visible()]) <= 2:  # narrow figure: legend at the right
         fig.legend(handles=handles, loc="outside right upper", frameon=False)
     else:
@@ -162,10 +169,15 @@ def _errs(center: pd.Series, lo: pd.Series, hi: pd.Series) -> np.ndarray | None:
 
 @_styled
 def plot_bias_vs_std(df: pd.DataFrame) -> Figure:
-    """(b) ``bias_l2`` against the standard deviation ``sqrt(variance)``, intervals on both."""
+    """(b) Debiased ``bias_l2`` against ``sqrt(variance)``, intervals on both.
+
+    The Monte Carlo noise floor ``bias_noise_floor = sqrt(tr(Sigma)/N)`` of each estimator
+    is drawn as a short bar in its colour: a bias below it is not resolved by the draws.
+    """
     facets = _facets(df)
     fig, axes = _grid(len(facets))
     labels = _ordered(df["estimator"])
+    has_floor = "bias_noise_floor" in df
     for ax, (title, sub) in zip(axes, facets):
         for lab in labels:
             r = sub[sub["estimator"] == lab]
@@ -174,17 +186,49 @@ def plot_bias_vs_std(df: pd.DataFrame) -> Figure:
             std = np.sqrt(r["variance"].clip(lower=0))
             xerr = _errs(std, np.sqrt(r["variance_lo"].clip(lower=0)), np.sqrt(r["variance_hi"]))
             yerr = _errs(r["bias_l2"], r["bias_l2_lo"], r["bias_l2_hi"])
+            st = estimator_style(lab)
             ax.errorbar(
                 std, r["bias_l2"], xerr=xerr, yerr=yerr, linestyle="none", capsize=2,
-                markersize=6, clip_on=False, **estimator_style(lab),
+                markersize=6, clip_on=False, **st,
             )  # fmt: skip
+            if has_floor:
+                ax.plot(
+                    std, r["bias_noise_floor"], linestyle="none", marker="_", markersize=14,
+                    markeredgewidth=1.5, color=st["color"], alpha=0.8, gid="noise_floor",
+                )  # fmt: skip
         _scale(ax, "x", np.sqrt(sub["variance"].clip(lower=0)))
-        _scale(ax, "y", sub["bias_l2"])
+        ys = [sub["bias_l2"], sub["bias_l2_hi"]] + ([sub["bias_noise_floor"]] if has_floor else [])
+        _scale(ax, "y", pd.concat(ys).to_numpy())
         ax.set_title(title)
         ax.set_xlabel("standard deviation  sqrt(variance)")
-        ax.set_ylabel("bias  ||mean - g*||")
-    _legend(fig, labels)
+        ax.set_ylabel("debiased bias  (bar: noise floor)")
+    _legend(fig, labels, _floor_handle() if has_floor else None)
+    _caption(fig, df)
     return fig
+
+
+def _floor_handle() -> Any:
+    from matplotlib.lines import Line2D
+
+    return Line2D(
+        [], [], linestyle="none", marker="_", markersize=14, markeredgewidth=1.5, color="0.3",
+        label="noise floor sqrt(tr Sigma / N)",
+    )  # fmt: skip
+
+
+def _caption(fig: Figure, df: pd.DataFrame) -> None:
+    """Draws and seed of the table, at the top of the figure."""
+    parts = []
+    if "draws" in df and df["draws"].notna().any():
+        lo, hi = int(df["draws"].min()), int(df["draws"].max())
+        parts.append(f"draws {lo:,}" if lo == hi else f"draws {lo:,}-{hi:,}")
+    if "seed" in df and df["seed"].notna().any():
+        seeds = sorted({int(v) for v in df["seed"].dropna()})
+        parts.append("seed " + ",".join(map(str, seeds[:4])) + ("..." if len(seeds) > 4 else ""))
+    if "level" in df and df["level"].notna().any():
+        parts.append(f"intervals {100 * float(df['level'].iloc[0]):g}%")
+    if parts:
+        fig.suptitle("; ".join(parts), fontsize=8)
 
 
 @_styled
@@ -205,13 +249,22 @@ def plot_mse_vs_cost(df: pd.DataFrame) -> Figure:
         pts = sub[["evals_per_draw", "mse"]].astype(float).dropna().sort_values("evals_per_draw")
         if not pts.empty:
             front = pts.groupby("evals_per_draw")["mse"].min().cummin()
-            ax.step(front.index, front.values, where="post", color="0.5", lw=1, zorder=0)
+            ax.step(
+                front.index, front.values, where="post", color="0.5", lw=1, zorder=0,
+                linestyle="--",
+            )  # fmt: skip
         _scale(ax, "x", sub["evals_per_draw"])
         _scale(ax, "y", sub["mse"])
         ax.set_title(title)
         ax.set_xlabel("cost per draw (model evaluations)")
         ax.set_ylabel("MSE per coordinate")
-    _legend(fig, labels)
+    from matplotlib.lines import Line2D
+
+    front_handle = Line2D(
+        [], [], color="0.5", lw=1, linestyle="--", label="frontier: lowest MSE at <= cost"
+    )
+    _legend(fig, labels, front_handle)
+    _caption(fig, df)
     return fig
 
 
@@ -235,6 +288,7 @@ def plot_variance(df: pd.DataFrame) -> Figure:
         _scale(ax, "x", sub["variance"])
         ax.set_title(title)
         ax.set_xlabel("variance (average over coordinates)")
+    _caption(fig, df)
     return fig
 
 
@@ -273,6 +327,7 @@ def plot_variance_sweep(df: pd.DataFrame, y: str = "variance") -> Figure:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(y.replace("_", " "))
     _legend(fig, labels)
+    _caption(fig, df)
     return fig
 
 

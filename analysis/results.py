@@ -57,11 +57,18 @@ class IncompatibleResults(ValueError):
     """The results directory holds a different run; nothing was written to it."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically: temporary file in the same folder, then replace."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the user's umask
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
@@ -142,6 +149,25 @@ def environment(device: str | None = None) -> dict[str, Any]:
 def _jsonable(obj: Any) -> Any:
     """Configuration values normalised as JSON would store them (tuples -> lists)."""
     return json.loads(json.dumps(obj, default=str))
+
+
+def _read_cell(f: Path, usecols: list[str] | None = None) -> pd.DataFrame:
+    """One cell file; a damaged one is named in the error with the way out."""
+    try:
+        frame = pd.read_csv(
+            f, usecols=usecols, keep_default_na=False, na_values=["", "nan", "NaN"]
+        )
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"damaged cell file {f} ({str(e).splitlines()[0]}); delete it and re-run the same "
+            "command to recompute that cell"
+        ) from e
+    if CELL_COLUMN not in frame.columns:
+        raise ValueError(
+            f"damaged cell file {f} (no {CELL_COLUMN!r} column); delete it and re-run the same "
+            "command to recompute that cell"
+        )
+    return frame
 
 
 class ResultsDir:
@@ -263,7 +289,7 @@ class ResultsDir:
         if not cells.is_dir():
             return keys
         for f in cells.glob("*.summary.csv"):
-            frame = pd.read_csv(f, usecols=[CELL_COLUMN])
+            frame = _read_cell(f, usecols=[CELL_COLUMN])
             keys.update(frame[CELL_COLUMN].astype(str))
         return keys
 
@@ -289,7 +315,7 @@ class ResultsDir:
 
     def _read_cells(self, suffix: str) -> list[pd.DataFrame]:
         files = sorted((self.path / CELLS_DIR).glob(f"*.{suffix}.csv"))
-        return [pd.read_csv(f, keep_default_na=False, na_values=["", "nan", "NaN"]) for f in files]
+        return [_read_cell(f) for f in files]
 
     def rebuild(self, plan: list[str] | None = None) -> pd.DataFrame:
         """Rewrite summary.csv and per_coordinate.csv from the cells, in plan order."""

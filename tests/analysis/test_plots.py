@@ -23,6 +23,7 @@ def _summary(estimators=("score_function:baseline=none", "straight_through", "ex
                 bias = 0.0 if e == "exact" else float(10.0 ** rng.uniform(-3, 0))
                 mse = var + bias**2
                 row = dict.fromkeys(SUMMARY_COLUMNS, 1.0)
+                row.update(seed=0, bias_noise_floor=0.01)
                 row.update(
                     model=model, estimator=e, param=p, draws=100, variance=var,
                     variance_lo=0.9 * var, variance_hi=1.1 * var, bias_l2=bias,
@@ -71,8 +72,14 @@ def _check_files(files):
 def test_bias_vs_std(tmp_path):
     fig = plots.plot_bias_vs_std(_summary())
     xs, ys = _labels(fig)
-    assert xs == {"standard deviation  sqrt(variance)"} and ys == {"bias  ||mean - g*||"}
+    assert xs == {"standard deviation  sqrt(variance)"}
+    assert ys == {"debiased bias  (bar: noise floor)"}
     assert len([a for a in fig.axes if a.get_visible()]) == 3  # toy, sbn/W1, sbn/b1
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "noise floor sqrt(tr Sigma / N)" in legend
+    floors = [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "noise_floor"]
+    assert len(floors) == 3  # one noise-floor bar per estimator on the toy panel
+    assert "draws 100" in fig._suptitle.get_text() and "seed" in fig._suptitle.get_text()
     _check_files(plots.save(fig, tmp_path / "b"))
 
 
@@ -81,7 +88,14 @@ def test_mse_vs_cost(tmp_path):
     xs, ys = _labels(fig)
     assert xs == {"cost per draw (model evaluations)"} and ys == {"MSE per coordinate"}
     assert fig.axes[0].get_xscale() == "log"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any(t.startswith("frontier") for t in legend)
     _check_files(plots.save(fig, tmp_path / "c"))
+
+
+def test_every_paper_estimator_has_its_own_colour():
+    colours = {tuple(plots.estimator_style(e)["color"]) for e in PAPER_ESTIMATORS}
+    assert len(colours) == len(PAPER_ESTIMATORS) == 12
 
 
 def test_variance_sweep(tmp_path):

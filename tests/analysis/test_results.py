@@ -88,3 +88,30 @@ def test_read_errors_are_clear(tmp_path):
         ResultsDir.read_run(tmp_path)
     with pytest.raises(ValueError, match="no summary.csv"):
         read_summary(tmp_path)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from stochgrad.analysis.results import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_damaged_cell_file_is_named(tmp_path):
+    import pytest
+
+    from stochgrad.analysis.results import ResultsDir
+
+    r = ResultsDir(tmp_path / "run", "compare", {"seed": 0}).open({})
+    bad = tmp_path / "run" / "cells" / "0123.summary.csv"
+    bad.write_text("garbage,here\n1,2\n")
+    with pytest.raises(ValueError, match="0123.summary.csv"):
+        r.done()
+    with pytest.raises(ValueError, match="0123.summary.csv"):
+        r.rebuild()

@@ -28,15 +28,21 @@ def _hand(x: np.ndarray, g: np.ndarray, r: np.ndarray | None = None) -> dict[str
     se2 = s2 / n + (0 if r is None else r**2)
     z = b / np.sqrt(se2)
     zmax = np.abs(z).max()
+    m3 = ((x - mean) ** 3).mean(0)
+    c = m3 / n**2 / se2**1.5
+    w = z + c * z**2 / 3 + c**2 * z**3 / 27 + c / 6
+    floor2 = se2.sum()
+    bias = math.sqrt(max(0.0, (b * b).sum() - floor2))
     return {
-        "bias_l2": np.linalg.norm(b),
-        "rel_bias": np.linalg.norm(b) / np.linalg.norm(g),
+        "bias_l2": bias,
+        "bias_noise_floor": math.sqrt(floor2),
+        "rel_bias": bias / np.linalg.norm(g),
         "variance": s2.mean(),
         "mse": ((x - g) ** 2).sum(1).mean() / d,
         "cosine": cos.mean(),
         "snr": np.linalg.norm(g) / np.sqrt(d * s2.mean()),
         "z_max": zmax,
-        "p_unbiased": min(1.0, d * 2 * sps.norm.sf(zmax)),
+        "p_unbiased": min(1.0, d * 2 * sps.norm.sf(np.abs(w).max())),
     }
 
 
@@ -106,7 +112,9 @@ def test_zero_variance_exact_estimator():
 def test_zero_reference_gives_nan_cosine_not_crash():
     x = torch.randn(100, 3, generator=torch.Generator().manual_seed(0))
     s = summarize(x, torch.zeros(3))
-    assert math.isnan(s.cosine) and s.snr == 0.0 and math.isinf(s.rel_bias)
+    assert math.isnan(s.cosine) and s.snr == 0.0
+    # the debiased bias of noise around 0 is 0 here, and 0 / 0 counts as no relative bias
+    assert s.rel_bias == (0.0 if s.bias_l2 == 0 else math.inf)
 
 
 def test_no_reference_gives_moments_only():
@@ -277,3 +285,11 @@ def test_statistics_on_cuda_match_cpu():
     gpu = acc.result()
     for k in ("variance", "variance_lo", "bias_l2", "mse", "cosine", "z_max", "p_unbiased"):
         assert getattr(gpu, k) == pytest.approx(getattr(cpu, k), rel=1e-9), k
+
+
+def test_nan_draws_never_give_p_unbiased_one():
+    """min(1, nan) is 1 in Python: a NaN in the draws must give a NaN p-value instead."""
+    x = torch.randn(100, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[7, 1] = math.nan
+    s = summarize(x, torch.zeros(3, dtype=torch.float64))
+    assert math.isnan(s.p_unbiased)

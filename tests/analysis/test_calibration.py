@@ -1,0 +1,87 @@
+"""Calibration of the bias interval and of the unbiasedness test, over many replications.
+
+Each test uses a fixed seed and R >= 300 replications; a count is accepted when its one-sided
+binomial p-value against the stated rate is above 1e-4 (false-alarm rate 1e-4 per test).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats as sps
+
+from stochgrad.analysis.stats import summarize
+
+FALSE_ALARM = 1e-4
+
+pytestmark = [pytest.mark.slow, pytest.mark.statistical]
+
+
+def _too_many(count: int, trials: int, rate: float) -> bool:
+    return sps.binomtest(count, trials, rate, alternative="greater").pvalue <= FALSE_ALARM
+
+
+def test_bias_interval_contains_zero_for_unbiased_draws():
+    """Unbiased skewed draws, d = 200: bias_l2_lo > 0 in at most 5% of R = 300 replications.
+
+    ``||mean - g*||`` alone is about sqrt(tr(Sigma)/N) here, so an interval around it would
+    exclude 0 every time; the debiased estimate stays below the noise floor.
+    """
+    d, n, R = 200, 1000, 300
+    gen = torch.Generator().manual_seed(11)
+    excl = 0
+    below_floor = 0
+    for _ in range(R):
+        x = torch.empty(n, d, dtype=torch.float64).exponential_(1.0, generator=gen)
+        s = summarize(x, torch.ones(d, dtype=torch.float64))
+        excl += s.bias_l2_lo > 0
+        below_floor += s.bias_l2 < s.bias_noise_floor
+    assert not _too_many(excl, R, 0.05), excl
+    assert below_floor == R
+
+
+def test_bias_interval_covers_a_known_bias():
+    """Bias 0.05 on every coordinate (||bias|| = 0.05 sqrt(200)), Gaussian draws: the interval
+    misses the truth in at most 5% of R = 300 replications."""
+    d, n, R = 200, 2000, 300
+    gen = torch.Generator().manual_seed(12)
+    truth = 0.05 * math.sqrt(d)
+    miss = 0
+    for _ in range(R):
+        x = torch.randn(n, d, generator=gen, dtype=torch.float64) + 0.05
+        s = summarize(x, torch.zeros(d, dtype=torch.float64))
+        miss += not s.bias_l2_lo <= truth <= s.bias_l2_hi
+    assert not _too_many(miss, R, 0.05), miss
+
+
+def test_p_unbiased_valid_for_skewed_bernoulli_draws():
+    """Bernoulli(0.05) draws, N = 400, d = 10: P(p_unbiased <= 0.001) at most 0.001 and
+    P(p_unbiased <= 0.05) at most 0.05 over R = 600 replications (the plain z-test gives
+    about 0.016 and 0.09)."""
+    d, n, R = 10, 400, 600
+    gen = torch.Generator().manual_seed(13)
+    rej_001 = rej_05 = 0
+    for _ in range(R):
+        x = (torch.rand(n, d, generator=gen, dtype=torch.float64) < 0.05).double()
+        p = summarize(x, torch.full((d,), 0.05, dtype=torch.float64)).p_unbiased
+        rej_001 += p <= 0.001
+        rej_05 += p <= 0.05
+    assert not _too_many(rej_001, R, 0.001), rej_001
+    assert not _too_many(rej_05, R, 0.05), rej_05
+
+
+def test_p_unbiased_keeps_power_on_skewed_draws():
+    """A bias of 6 standard errors on one of 10 Bernoulli(0.05) coordinates (N = 2000) is
+    found (p_unbiased <= 0.05) in at least 80% of R = 300 replications, in either direction."""
+    d, n, R = 10, 2000, 300
+    gen = torch.Generator().manual_seed(14)
+    se = math.sqrt(0.05 * 0.95 / n)
+    found = 0
+    for i in range(R):
+        x = (torch.rand(n, d, generator=gen, dtype=torch.float64) < 0.05).double()
+        ref = torch.full((d,), 0.05, dtype=torch.float64)
+        ref[2] += (6 if i % 2 else -6) * se
+        found += summarize(x, ref).p_unbiased <= 0.05
+    assert found >= 0.8 * R, found
