@@ -25,6 +25,7 @@ Figures:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from collections.abc import Sequence
@@ -384,8 +385,25 @@ def plot_results(path: str | Path, formats: Sequence[str] = ("png", "pdf")) -> l
         figs = {"training": plot_training}
     else:
         raise ValueError(f"{path}: unknown run kind {kind!r} in run.json")
+    # Figures already drawn from this very summary.csv by this very plotting code are kept:
+    # a finished run re-run into the same directory does not redraw them.
+    stamp_file = figdir / ".stamp"
+    digest = hashlib.sha1((path / "summary.csv").read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    digest.update(repr((sorted(figs), list(formats))).encode())
+    stamp = digest.hexdigest()
+    wanted = [figdir / f"{name}.{fmt}" for name in figs for fmt in formats]
+    if (
+        stamp_file.is_file()
+        and stamp_file.read_text(encoding="utf-8").strip() == stamp
+        and all(f.is_file() for f in wanted)
+    ):
+        return wanted
     files: list[Path] = []
     for name, fn in figs.items():
         fig = fn(df)
         files += save(fig, figdir / name, formats)
+    from .results import atomic_write_text
+
+    atomic_write_text(stamp_file, stamp + "\n")
     return files

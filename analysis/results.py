@@ -81,8 +81,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
-    """``frame.to_csv`` (no index, full float precision) written atomically."""
-    atomic_write_text(path, frame.to_csv(index=False, float_format="%.17g"))
+    """``frame.to_csv`` (no index, full float precision) written atomically.
+
+    A file that already holds exactly this text is left alone (its time stamp too).
+    """
+    text = frame.to_csv(index=False, float_format="%.17g")
+    path = Path(path)
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
 
 
 def _git_revision() -> str | None:

@@ -150,3 +150,22 @@ def test_plot_results_from_saved_directory(tmp_path, kind, table, names):
 def test_plot_results_errors(tmp_path):
     with pytest.raises(ValueError, match="not a stochgrad results directory"):
         plots.plot_results(tmp_path)
+
+
+def test_unchanged_results_are_not_redrawn(tmp_path):
+    """plot_results keeps figures drawn from the same summary.csv; new rows redraw them."""
+    out = tmp_path / "run"
+    ResultsDir(out, "compare", {"seed": 0}).open({})
+    df = _summary()
+    df.to_csv(out / "summary.csv", index=False)
+    files = plots.plot_results(out)
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    assert plots.plot_results(out) == files
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    df.assign(variance=df["variance"] * 2).to_csv(out / "summary.csv", index=False)
+    import os
+
+    for f in files:  # make any redraw visible whatever the clock resolution
+        os.utime(f, ns=(0, 0))
+    plots.plot_results(out)
+    assert all(f.stat().st_mtime_ns > 0 for f in files)
