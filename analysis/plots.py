@@ -15,11 +15,12 @@ Figures:
 
 * (a) :func:`plot_variance_sweep` -- variance (log) against the swept parameter, against
   ``sigmoid(logits)`` when the logits are swept; band = the variance confidence interval.
-* (b) :func:`plot_bias_vs_std` -- ``bias_l2`` against ``sqrt(variance)``, with both intervals.
+* (b) :func:`plot_bias_vs_std` -- debiased ``bias_l2`` against ``sqrt(variance)``, with both
+  intervals and each estimator's noise floor ``bias_noise_floor``.
 * (c) :func:`plot_mse_vs_cost` -- MSE against model evaluations per draw, with its interval and
   the efficiency frontier (lowest MSE at or below each cost).
-* (d) :func:`plot_training` -- expected loss against SGD step, mean over seeds with a band of
-  +- one standard error of that mean.
+* (d) :func:`plot_training` -- expected loss against SGD step, one panel per estimator (the
+  others in grey), mean over seeds with a band of +- one standard error of that mean.
 * :func:`plot_variance` -- variance per estimator with its interval (compare runs).
 """
 
@@ -334,27 +335,52 @@ def plot_variance_sweep(df: pd.DataFrame, y: str = "variance") -> Figure:
 
 @_styled
 def plot_training(df: pd.DataFrame) -> Figure:
-    """(d) Expected loss against step: mean over seeds, band +- one standard error."""
-    fig = Figure(figsize=(10.0, 4.4), layout="constrained")
-    ax = fig.subplots()
+    """(d) Expected loss against step: mean over seeds, band +- one standard error.
+
+    Small multiples: one panel per estimator, its curve in colour over every other
+    estimator's curve in light grey, so that curves lying on top of each other stay readable.
+    """
     labels = _ordered(df["estimator"])
+    curves = {}
     for lab in labels:
-        r = df[df["estimator"] == lab]
-        g = r.groupby("step")["loss"]
+        g = df[df["estimator"] == lab].groupby("step")["loss"]
         mean, n = g.mean(), g.count()
-        se = (g.std(ddof=1) / np.sqrt(n)).fillna(0.0)
+        curves[lab] = (mean, (g.std(ddof=1) / np.sqrt(n)).fillna(0.0))
+    cols = min(len(labels), 4)
+    rows = math.ceil(len(labels) / cols)
+    fig = Figure(figsize=(2.9 * cols + 0.4, 2.3 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True).ravel().tolist()
+    for ax in axes[len(labels) :]:
+        ax.set_visible(False)
+    for ax, lab in zip(axes, labels):
+        for other, (mean, _) in curves.items():
+            if other != lab:
+                ax.plot(mean.index, mean.values, color="0.8", lw=0.8, zorder=1)
+        mean, se = curves[lab]
         st = estimator_style(lab)
-        ax.plot(mean.index, mean.values, **st, markersize=4, markevery=max(1, len(mean) // 8))
+        ax.plot(
+            mean.index, mean.values, **st, markersize=3, markevery=max(1, len(mean) // 8),
+            lw=1.4, zorder=3,
+        )  # fmt: skip
         ax.fill_between(
-            mean.index, (mean - se).values, (mean + se).values, color=st["color"], alpha=0.2, lw=0
-        )
-    _scale(ax, "y", df["loss"])
+            mean.index, (mean - se).values, (mean + se).values, color=st["color"], alpha=0.25,
+            lw=0, zorder=2,
+        )  # fmt: skip
+        ax.set_title(lab.replace(":", "\n", 1), fontsize=7)
+        _scale(ax, "y", df["loss"])
+    for ax in axes[: len(labels)]:
+        if ax.get_subplotspec().is_last_row() or ax not in axes[: len(labels) - cols]:
+            ax.set_xlabel("SGD step")
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("expected loss E[L]")
     model = ", ".join(map(str, dict.fromkeys(df["model"])))
     seeds = df.groupby("estimator")["seed"].nunique().max()
-    ax.set_title(f"SGD on {model} ({seeds} seeds, band: +-1 s.e.)")
-    ax.set_xlabel("SGD step")
-    ax.set_ylabel("expected loss E[L]")
-    _legend(fig, labels)
+    seed_list = sorted({int(v) for v in df["seed"]})
+    fig.suptitle(
+        f"SGD on {model} ({seeds} seeds: {', '.join(map(str, seed_list[:6]))}; band: +-1 s.e.; "
+        "grey: the other estimators)",
+        fontsize=9,
+    )
     return fig
 
 
