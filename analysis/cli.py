@@ -22,6 +22,8 @@ import zipfile
 from collections.abc import Sequence
 from typing import Any
 
+from .executor import CellsFailed
+
 __all__ = ["main", "build_parser", "format_table"]
 
 _EPILOG = """\
@@ -65,6 +67,9 @@ def _common(p: argparse.ArgumentParser, draws: int | None, out: str) -> None:
         help="torch CPU threads; the default models are small, where one thread is fastest "
         "(0 = torch's own choice)",
     )
+    from .executor import add_arguments
+
+    add_arguments(p)
 
 
 def _max_evals(p: argparse.ArgumentParser) -> None:
@@ -300,6 +305,12 @@ def _progress(args: argparse.Namespace) -> bool | None:
     return False if args.no_progress else None
 
 
+def _executor(args: argparse.Namespace) -> Any:
+    from .executor import from_args
+
+    return from_args(args)
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -377,6 +388,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         max_evals=args.max_evals or None,
         progress=_progress(args),
         echo=_echo,
+        executor=_executor(args),
     )
     print(format_table(table))
     for s in table.attrs.get("skipped", []):
@@ -405,6 +417,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         max_evals=args.max_evals or None,
         progress=_progress(args),
         echo=_echo,
+        executor=_executor(args),
     )
     cols = ["estimator", "sweep_value", "variance", "variance_lo", "variance_hi", "bias_l2"]
     cols += ["mse", "p_unbiased"]
@@ -433,6 +446,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=_device(args.device),
         progress=_progress(args),
         echo=_echo,
+        executor=_executor(args),
     )
     if not table.empty:
         last = table[table["step"] == table["step"].max()]
@@ -523,6 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except CellsFailed as e:
+        print(f"stochgrad {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, OSError, zipfile.BadZipFile) as e:
         # Bad names, options, grids, files and incompatible directories: one line, no trace.
         msg = " ".join(str(e).split()) or type(e).__name__
