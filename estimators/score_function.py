@@ -33,9 +33,15 @@ With ``num_samples = K`` every draw averages ``K`` single-sample estimates.
 
 Requires: Bernoulli sample sites.
 Bias: none for every baseline (the stateful ones are built from earlier draws only).
-Warm-up: stateful baselines (``moving_average``, ``optimal`` online, ``learned``) are updated over
-``warmup_draws`` draws in chunks of ``warmup_chunk`` before ``estimate`` measures, when the
-estimator has no state yet; after that their state carries over between calls.
+Warm-up: every ``estimate`` call starts the stateful baselines (``moving_average``, ``optimal``
+online, ``learned``) from fresh state and updates them over ``warmup_draws`` draws, in chunks of
+``warmup_chunk``, on the objective it is given, before it measures: the same seed gives the same
+numbers on any objective, in any order, and objectives of different sizes can share one object.
+(The per-site state of Pyro programs, below, is separate and is not reset.) The default
+``warmup_draws=None`` runs ``max(2000, warmup_chunk * n)`` draws, ``n`` the fewest updates after
+which the weight the average still puts on its start, ``decay ** n``, is at most
+``WARMUP_RESIDUAL = 1e-3`` (66 updates for ``decay = 0.9``): the criterion for "warmed up",
+for ``init="zero"`` (whose start is 0) as for ``init="first"``.
 
 In a Pyro program (:mod:`stochgrad.estimators.elbo`, :mod:`stochgrad.estimators.surrogate`)
 the state is kept per site name in this object (:meth:`site_baseline`, :meth:`site_update`),
@@ -51,6 +57,7 @@ Williams (1992); Weaver & Tao (2001); Mnih & Gregor (2014), arXiv:1402.0030, Sec
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,6 +85,7 @@ BASELINES = ("none", "moving_average", "optimal", "leave_one_out", "learned")
 MODES = ("online", "oracle")
 INITS = ("first", "zero")
 SITES_KEY = "__sites__"
+WARMUP_RESIDUAL = 1e-3  # default warm-up: the start's weight decay**n left in the average
 LEARNED_KEY = "__learned__"
 
 
@@ -100,7 +108,7 @@ class ScoreFunction(SurrogateEstimator):
         num_samples: int | None = None,
         decay: float = 0.9,
         mode: str = "online",
-        warmup_draws: int = 2000,
+        warmup_draws: int | None = None,
         warmup_chunk: int = 100,
         init: str = "first",
         network: torch.nn.Module | None = None,
@@ -122,7 +130,9 @@ class ScoreFunction(SurrogateEstimator):
         self.mode = check_choice("mode", mode, MODES)
         if mode == "oracle" and baseline != "optimal":
             raise ValueError("mode='oracle' applies only to baseline='optimal'")
-        self.warmup_draws = check_positive_int("warmup_draws", warmup_draws, 0)
+        if warmup_draws is not None:
+            check_positive_int("warmup_draws", warmup_draws, 0)
+        self.warmup_draws = warmup_draws
         self.warmup_chunk = check_positive_int("warmup_chunk", warmup_chunk)
         self.init = check_choice("init", init, INITS)
         if network is not None and not isinstance(network, torch.nn.Module):
@@ -138,6 +148,8 @@ class ScoreFunction(SurrogateEstimator):
         self._sites: dict[str, dict[str, Tensor]] = {}
         # learned baselines: per-site module and optimiser
         self._learned: dict[str, _Learned] = {}
+        # estimate(): learned baselines of the batched core, rebuilt at every warm-up
+        self._core_learned: dict[str, _Learned] = {}
 
     # -- at a Pyro site: value h, term (L - b) log q(h) per unit, state per site ------------
 
@@ -208,7 +220,7 @@ class ScoreFunction(SurrogateEstimator):
         if self.baseline == "moving_average":
             return self._state["mean"] if "mean" in self._state else 0.0
         if self.baseline == "learned":
-            return self._learned_for(name, None, site.logits).predict(None, units).detach()
+            return self._core_learned_for(name, site.logits).predict(None, units).detach()
         # optimal, per unit
         if self.mode == "oracle":
             if self._oracle is None or name not in self._oracle:
@@ -239,7 +251,7 @@ class ScoreFunction(SurrogateEstimator):
                 for name, site in sites.items():
                     units = site.value.dim() - 1
                     target = flat.view(-1, *([1] * units))
-                    self._learned_for(name, None, target).fit([(1.0, target, None)], units)
+                    self._core_learned_for(name, target).fit([(1.0, target, None)], units)
                 return
             flat = cost.reshape(-1)
             for name, site in sites.items():
@@ -260,13 +272,21 @@ class ScoreFunction(SurrogateEstimator):
         if self.baseline == "optimal" and self.mode == "oracle":
             self._oracle = oracle_optimal_baseline(objective)
             return
-        if not self.stateful or self._state or self._learned:
+        if not self.stateful:
             return
-        left = self.warmup_draws
+        self._state, self._core_learned = {}, {}  # fresh state for this objective
+        left = self.resolved_warmup_draws()
         while left > 0:
             n = min(self.warmup_chunk, left)
             self._draw(objective, n, rng)
             left -= n
+
+    def resolved_warmup_draws(self) -> int:
+        """Draws of the warm-up: ``warmup_draws``, or by default enough for the criterion."""
+        if self.warmup_draws is not None:
+            return self.warmup_draws
+        updates = math.ceil(math.log(WARMUP_RESIDUAL) / math.log(self.decay) - 1e-9)
+        return max(2000, self.warmup_chunk * updates)
 
     def state_dict(self) -> dict[str, Any]:
         def copy(x: Any) -> Any:
@@ -279,8 +299,9 @@ class ScoreFunction(SurrogateEstimator):
         out = copy(self._state)
         if self._sites:
             out[SITES_KEY] = copy(self._sites)
-        if self._learned:
-            out[LEARNED_KEY] = {k: v.state_dict() for k, v in self._learned.items()}
+        learned = {**self._core_learned, **self._learned}  # the core's, then the sites'
+        if learned:
+            out[LEARNED_KEY] = {k: v.state_dict() for k, v in learned.items()}
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -292,6 +313,7 @@ class ScoreFunction(SurrogateEstimator):
         self._state = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in state.items()}
         self._sites = {k: dict(v) for k, v in sites.items()}
         self._learned = {}
+        self._core_learned = {}
         for name, s in learned.items():
             self._learned[name] = _Learned.from_state_dict(s, self.network, self.lr)
 
@@ -301,6 +323,7 @@ class ScoreFunction(SurrogateEstimator):
         self._oracle = None
         self._sites = {}
         self._learned = {}
+        self._core_learned = {}
 
     # -- per-site baselines in Pyro programs ------------------------------------------------
 
@@ -395,6 +418,12 @@ class ScoreFunction(SurrogateEstimator):
                 + (1 - beta) * v
                 for k, v in new.items()
             }
+
+    def _core_learned_for(self, name: str, like: Tensor) -> _Learned:
+        """The batched core's learned constant for site ``name`` (built on first use)."""
+        if name not in self._core_learned:
+            self._core_learned[name] = _Learned.build(name, None, None, self.lr, like)
+        return self._core_learned[name]
 
     def _learned_for(self, name: str, baseline_input: Tensor | None, like: Tensor) -> _Learned:
         """The site's baseline module, built on first use with ``like``'s dtype and device."""
