@@ -167,6 +167,10 @@ class GateType:
     ``sparsity``: ``"kl"``, ``"l1"`` or ``None``; ``on_probability``: ``"p"`` (P(on) = sigmoid
     of the gate logits) or ``"sqrt_p"`` (STS, paper variant); ``units``: gates (= experts);
     ``lr_gater``: learning rate of the gater (None: the global one); ``momentum``.
+    ``score_scale``: ``"mean"``, the gate site's gradient is that of the batch-mean cost, like
+    the NLL's; ``"sum"``, it is not divided by the batch size: the score-function gate then
+    follows the per-example rule ``(h - p)(L_n - b)`` summed over the minibatch, as the authors'
+    code trains the SBN row (the rest of the objective stays a batch mean).
     """
 
     name: str
@@ -182,6 +186,7 @@ class GateType:
     lr_gater: float | None = None
     momentum: float = 0.0
     binary: bool = False
+    score_scale: str = "mean"
 
     def make_estimator(self) -> Any:
         """A fresh estimator object for the gate site (stateful ones must not be shared)."""
@@ -313,14 +318,18 @@ ORIGINAL_SPARSE_INIT = 15  # non-zero N(0, 1) weights per noisy-rectifier gater 
 
 
 def original_gate(name: str | GateType) -> GateType:
-    """The row as the original code ran it (only STS differs in the unit itself).
+    """The row as the original code ran it (STS and the SBN differ; the others do not).
 
     STS samples ``Bernoulli(p)`` (``variant="code"``; the paper's text says ``sqrt(p)``) and its
-    pre-gate noise is ``(Beta(α, β) - 1/2) · |logit(0.01)|`` (``noise="beta_shift"``).
+    pre-gate noise is ``(Beta(α, β) - 1/2) · |logit(0.01)|`` (``noise="beta_shift"``). The SBN's
+    score-function gradient is the per-example ``(h - p)(L_n - b)`` summed over the minibatch,
+    not divided by its size (``score_scale="sum"``).
     """
     g = gate_type(name)
     if g.estimator == "sts":
         return replace(g, options={"variant": "code"}, noise="beta_shift", on_probability="p")
+    if g.estimator == "score_function":
+        return replace(g, score_scale="sum")
     return g
 
 
@@ -459,9 +468,12 @@ class ConditionalNet(nn.Module):
             # as plain torch (a sample site would make the surrogate evaluate its log-density,
             # a Beta lgamma per gate, for a score term that is identically zero).
             a = a + self._noise.expand(a.shape).sample()  # (batch, gates)
+        site_logits = a
+        if self.gate.score_scale == "sum":  # same value, gradient times the batch size
+            site_logits = a + (a.shape[0] - 1) * (a - a.detach())
         g = pyro.sample(
             "gates",
-            dist.Bernoulli(logits=a).to_event(1),
+            dist.Bernoulli(logits=site_logits).to_event(1),
             infer={"estimator": self.estimator},
         )  # (batch, gates)
         return self.output(g * h), a, g

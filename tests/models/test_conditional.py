@@ -119,14 +119,21 @@ def test_forward_and_gate_gradient_match_hand_computation(name):
     torch.testing.assert_close(grad, grad_bias, atol=1e-5, rtol=1e-4)
 
 
-def test_score_function_gate_gradient_matches_hand_computation():
+@pytest.mark.parametrize("protocol", ["spec", "original"])
+def test_score_function_gate_gradient_matches_hand_computation(protocol):
     """Theorem 1 with the optimal baseline built from earlier minibatches only.
 
     The toolkit keeps the online baseline per gate, averaged over the minibatch (Eq. 10):
     ``b = EMA[mean_batch (h-p)^2 L] / EMA[mean_batch (h-p)^2]``, decay 0.9, first value as is.
+    The gradient is ``(h - p)(L_n - b)`` averaged over the minibatch (``spec``) or, as the
+    authors' code trains the SBN, summed over it (``original``); the baseline is the same.
     """
-    net = _net("sbn")
+    from stochgrad.models.conditional import original_gate
+
+    torch.manual_seed(0)
+    net = ConditionalNet(original_gate("sbn") if protocol == "original" else "sbn", CFG)
     assert isinstance(net.estimator, estimators.ScoreFunction)
+    reduce = (lambda t: t.sum(0)) if protocol == "original" else (lambda t: t.mean(0))
     x, y = _x(), torch.tensor([0, 1, 2, 0, 1])
     baseline = torch.zeros(B, G)
     num = den = None
@@ -139,7 +146,7 @@ def test_score_function_gate_gradient_matches_hand_computation():
             p = torch.sigmoid(result.gate_logits)
             h = result.gates
             nll = result.nll
-            expected = ((h - p) * (nll[:, None] - baseline)).mean(0)
+            expected = reduce((h - p) * (nll[:, None] - baseline))
             torch.testing.assert_close(net.gater_out.bias.grad, expected, atol=1e-5, rtol=1e-4)
             sq = (h - p) ** 2
             new_num = (sq * nll[:, None]).mean(0, keepdim=True)  # (1, gates)
@@ -543,6 +550,7 @@ def test_original_sts_unit():
     assert z.min() >= -0.5 * STS_NOISE_SCALE and z.max() <= 0.5 * STS_NOISE_SCALE
     assert float(z.mean()) == pytest.approx(g.noise_mean(), abs=0.01)
     assert original_gate("straight_through") == gate_type("straight_through")
+    assert original_gate("sbn").score_scale == "sum" and gate_type("sbn").score_scale == "mean"
 
 
 @pytest.mark.parametrize(
