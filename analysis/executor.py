@@ -281,20 +281,30 @@ class RayExecutor:
 
 
 def train_run_remote(
-    data: Any, row: str, seed: int, config: Any, device: str, key: dict[str, Any]
+    data: Any,
+    row: str,
+    seed: int,
+    config: Any,
+    device: str,
+    key: dict[str, Any],
+    files: dict[str, bytes] | None = None,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """``reproduce._train_one`` in a scratch folder of the worker.
 
-    Returns the run's record and the files it wrote (``seedS.csv``, ``seedS.pt``, ...) as
-    bytes, for the driver to write into the results directory.
+    ``files`` (name -> bytes) are put into that folder first: a checkpoint already in the
+    results directory, which the run goes on from. Returns the run's record and the files it wrote
+    (``seedS.csv``, ``seedS.pt``, ``seedS.ckpt``, ...) as bytes, for the driver to write into
+    the results directory.
     """
     from . import reproduce
 
     with tempfile.TemporaryDirectory(prefix="stochgrad-run-") as tmp:
         folder = Path(tmp)
+        for name, blob in (files or {}).items():
+            (folder / Path(name).name).write_bytes(blob)
         record = reproduce._train_one(data, row, seed, config, device, folder, key)
-        files = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
-    return record, files
+        written = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+    return record, written
 
 
 # ---------------------------------------------------------------------------------------------

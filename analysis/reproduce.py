@@ -44,6 +44,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from stochgrad.analysis import executor as ex
 from stochgrad.analysis.results import atomic_write_csv, atomic_write_text, environment
 from stochgrad.models import conditional as cc
 from stochgrad.models.data import Digits, Split, default_mnist_path, load_mnist
@@ -151,6 +152,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-bench", action="store_true", help="skip the inference benchmark")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ex.add_arguments(p)  # --executor local|ray: each (row, seed) run a Ray task
     p.set_defaults(func=run)
     return p
 
@@ -198,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
+    executor = ex.from_args(args)
     data = load_data(args.data, args.train_subset)
     out = Path(args.out)
     config = cc.for_protocol(
@@ -210,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
         + (" [SMOKE RUN: not comparable with the paper]" if args.smoke else ""),
         file=sys.stderr,
     )
-    results, epochs = run_rows(data, rows, seeds, config, out, device=args.device)
+    results, epochs = run_rows(
+        data, rows, seeds, config, out, device=args.device, executor=executor
+    )
     bench = None
     if not args.no_bench:
         bench = bench_sparse_inference(
@@ -238,6 +243,8 @@ def _cli_options(args: argparse.Namespace) -> list[str]:
         opts += ["--threads", str(args.threads)]
     if args.smoke:
         opts += ["--smoke"]
+    if getattr(args, "executor", "local") != "local":
+        opts += ["--executor", args.executor]
     return opts
 
 
@@ -246,7 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stochgrad")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["reproduce", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ex.CellsFailed as e:
+        print(f"reproduce: error: {e}", file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,36 +306,121 @@ def run_rows(
     config: cc.TrainConfig,
     out: str | Path,
     device: str = "cpu",
+    executor: Any = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train each (row, seed) not already finished in ``out``; return all results and epochs.
 
     Returns ``(results, epochs)``: one line per (row, seed) with the selected epoch's numbers,
     and the per-epoch log. Both are also written to ``out/results.csv`` and ``out/epochs.csv``.
+
+    ``executor``: where the runs are trained (:mod:`stochgrad.analysis.executor`); default, or
+    a local one: here, one after the other. Otherwise each unfinished (row, seed) is one task;
+    its record and files come back to this process, which writes them into ``out``. A run that
+    fails there is reported, the others finish, and :class:`~stochgrad.analysis.executor.
+    CellsFailed` is raised at the end with the finished runs written.
     """
     out = Path(out)
     runs = out / "runs"
-    finished: list[dict[str, Any]] = []
+    finished: dict[tuple[str, int], dict[str, Any]] = {}
+    todo: list[tuple[str, int, dict[str, Any]]] = []
+    in_process = executor is None or executor.in_process
     for row in rows:
         (runs / row).mkdir(parents=True, exist_ok=True)
         for seed in seeds:
             record_file = runs / row / f"seed{seed}.json"
             key = _run_key(data, config, row, seed)
             record = _load_record(record_file, key)
-            if record is None:
+            if record is not None:
+                print(f"reproduce: {row} seed {seed} already finished, skipped", file=sys.stderr)
+            elif in_process:
                 record = _train_one(data, row, seed, config, device, runs / row, key)
                 atomic_write_text(record_file, json.dumps(record, indent=1))
             else:
-                print(f"reproduce: {row} seed {seed} already finished, skipped", file=sys.stderr)
-            finished.append(record)
-    results = pd.DataFrame([{k: v for k, v in r.items() if k != "history"} for r in finished])
+                todo.append((row, seed, key))
+                continue
+            finished[row, seed] = record
+    failed: ex.CellsFailed | None = None
+    if todo:
+        try:
+            _run_remote(executor, data, todo, config, device, runs, finished)
+        except ex.CellsFailed as e:
+            failed = e
+    ordered = [finished[row, seed] for row in rows for seed in seeds if (row, seed) in finished]
+    results = pd.DataFrame([{k: v for k, v in r.items() if k != "history"} for r in ordered])
     results = results.drop(columns=["key", "environment"], errors="ignore")
     epochs = pd.DataFrame(
-        [{"row": r["row"], "seed": r["seed"], **h} for r in finished for h in r["history"]]
+        [{"row": r["row"], "seed": r["seed"], **h} for r in ordered for h in r["history"]]
     )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / "results.csv", results)
     atomic_write_csv(out / "epochs.csv", epochs)
+    if failed is not None:
+        raise failed
     return results, epochs
+
+
+def _run_remote(
+    executor: Any,
+    data: Digits,
+    todo: list[tuple[str, int, dict[str, Any]]],
+    config: cc.TrainConfig,
+    device: str,
+    runs: Path,
+    finished: dict[tuple[str, int], dict[str, Any]],
+) -> None:
+    """The runs of ``todo`` as cells of ``executor``; each finished one is written here."""
+    quiet = dataclasses.replace(config, progress=False)  # no per-run bars from the workers
+    cells = []
+    for row, seed, key in todo:
+        # A checkpoint in ``runs`` travels with its run, so the worker goes on from there.
+        carried = {
+            name: (runs / row / name).read_bytes()
+            for name in (f"seed{seed}.ckpt", f"seed{seed}.ckpt.json")
+            if (runs / row / name).is_file()
+        }
+        cells.append(
+            ex.Cell(
+                f"{row}/seed{seed}",
+                ex.train_run_remote,
+                (data, row, seed, quiet, device, key),
+                {"files": carried},
+                label=f"{row} seed {seed}",
+            )
+        )
+    failures: list[tuple[str, str]] = []
+    try:
+        for cell, outcome in executor.run(cells):
+            if isinstance(outcome, Exception):  # a ValueError/TypeError: a failed run here
+                why = f"{type(outcome).__name__}: {outcome}"
+                print(f"reproduce: {cell.key} failed: {why}", file=sys.stderr)
+                failures.append((cell.key, why))
+                continue
+            record, files = outcome
+            row, seed = record["row"], record["seed"]
+            for name, blob in files.items():  # the record last: it marks the run finished
+                _atomic_write_bytes(runs / row / name, blob)
+            atomic_write_text(runs / row / f"seed{seed}.json", json.dumps(record, indent=1))
+            print(
+                f"reproduce: {row} seed {seed}: valid {100 * record['valid_error']:.2f}% test "
+                f"{100 * record['test_error']:.2f}% density {record['test_density']:.3f} "
+                f"(epoch {record['best_epoch']})",
+                file=sys.stderr,
+            )
+            finished[row, seed] = record
+    except ex.CellsFailed as e:
+        failures += e.failures
+    if failures:
+        raise ex.CellsFailed(failures, len(cells))
+
+
+def _atomic_write_bytes(path: Path, blob: bytes) -> None:
+    """``blob`` to ``path``: a temporary file beside it, then rename (never half written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(blob)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_record(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:

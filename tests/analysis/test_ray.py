@@ -118,3 +118,71 @@ def test_rerun_after_interruption_skips_finished(ray_local, tmp_path):
     # the finished cell is not recomputed: even its timing columns are unchanged
     pd.testing.assert_frame_equal(sf(first), sf(again), check_exact=True)
     assert set(again["estimator"]) == {"score_function", "straight_through"}
+
+
+REPRO = [
+    "reproduce", "paper", "--epochs", "1", "--seeds", "1",
+    "--rows", "straight_through,baseline_sigmoid", "--train-subset", "64",
+    "--no-bench", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_reproduce_ray_equals_local_and_resumes(ray_local, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no ../shared/data/mnist.npz from here: the 8x8 digits
+    local, remote = tmp_path / "l", tmp_path / "r"
+    assert main([*REPRO, "--out", str(local)]) == 0
+    assert main([*REPRO, "--out", str(remote), "--executor", "ray"]) == 0
+    x, y = pd.read_csv(local / "results.csv"), pd.read_csv(remote / "results.csv")
+    assert len(x) == 2
+    cols = [c for c in x.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(x[cols], y[cols], check_exact=True)
+    x, y = pd.read_csv(local / "epochs.csv"), pd.read_csv(remote / "epochs.csv")
+    cols = [c for c in x.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(x[cols], y[cols], check_exact=True)
+    for name in ("seed0.json", "seed0.csv", "seed0.pt", "seed0.ckpt"):  # written by the driver
+        assert (remote / "runs" / "straight_through" / name).is_file(), name
+
+    # A re-run trains only what is missing: the finished run is skipped, untouched.
+    (remote / "runs" / "baseline_sigmoid" / "seed0.json").unlink()
+    kept = (remote / "runs" / "straight_through" / "seed0.json").read_text()
+    capsys.readouterr()
+    assert main([*REPRO, "--out", str(remote), "--executor", "ray"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("already finished, skipped") == 1
+    assert "straight_through seed 0 already finished" in err
+    assert (remote / "runs" / "straight_through" / "seed0.json").read_text() == kept
+    again = pd.read_csv(remote / "results.csv")
+    cols = [c for c in again.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(pd.read_csv(local / "results.csv")[cols], again[cols])
+
+    # More epochs: the checkpoint travels to the worker and the run goes on from epoch 1 (the
+    # first epoch's line, its recorded time included, is the one trained before).
+    first = pd.read_csv(remote / "epochs.csv")
+    longer = [*REPRO, "--out", str(remote), "--executor", "ray"]
+    longer[longer.index("--epochs") + 1] = "2"
+    assert main(longer) == 0
+    epochs = pd.read_csv(remote / "epochs.csv")
+    assert sorted(epochs.groupby(["row", "seed"])["epoch"].apply(list).tolist()) == [[1, 2]] * 2
+    pd.testing.assert_frame_equal(
+        epochs[epochs["epoch"] == 1].reset_index(drop=True), first, check_exact=True
+    )
+
+
+@pytest.mark.slow
+def test_reproduce_ray_failing_run_exits_nonzero_keeping_finished(
+    ray_local, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o"
+    # A corrupt checkpoint under the run's own settings makes that run fail on its worker.
+    args = [*REPRO, "--out", str(out), "--executor", "ray"]
+    assert main(args) == 0
+    (out / "runs" / "baseline_sigmoid" / "seed0.json").unlink()
+    (out / "runs" / "baseline_sigmoid" / "seed0.ckpt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "1 of 1 cells failed" in err and "baseline_sigmoid/seed0" in err
+    assert (out / "runs" / "straight_through" / "seed0.json").is_file()
+    assert list(pd.read_csv(out / "results.csv")["row"]) == ["straight_through"]
