@@ -60,6 +60,7 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch import Tensor
 
 from .base import Estimator, SiteCosts
+from .handlers import warn_observed_annotations
 from .sites import (
     Run,
     SiteRecord,
@@ -245,6 +246,12 @@ class EstimatorELBO(ELBO):
         else:
             count = self.num_particles
         particles = [self._particle(model, guide, args, kwargs, grads) for _ in range(count)]
+        warn_observed_annotations(
+            site
+            for runs in particles
+            for tr in (runs[0].model_trace, runs[0].guide_trace)
+            for site in tr.nodes.values()
+        )
         weights = [
             [torch.exp(e.log_weight) if isinstance(e.log_weight, Tensor) else 1.0 for e in runs]
             for runs in particles

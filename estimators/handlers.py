@@ -24,12 +24,18 @@ an annotation samples exactly as before.
 Precedence: a handler overrides the site's own annotation for the sites it names (the
 callable returning ``None`` names none), and an outer handler overrides an inner one, as
 Pyro's ``infer_config`` does. ``poutine.block`` hides sites from handlers outside it. The
-handler is idempotent. Observed and subsample sites are never annotated.
+handler is idempotent. Observed and subsample sites are never annotated: an annotation on an
+observed site, and a dict entry that names no latent sample site the handler saw (a typo, an
+observed site, a site hidden by ``block``), are ignored with a ``UserWarning`` naming them --
+once per site name for a handler, and for an observed site's annotation once per run of
+:func:`~stochgrad.estimators.surrogate.surrogate_loss` or
+:class:`~stochgrad.estimators.elbo.EstimatorELBO` (Python's warning filter shows a repeat once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pyro.poutine.block_messenger import BlockMessenger
@@ -99,6 +105,9 @@ class EstimatorMessenger(Messenger):
                     )
                 checked[name] = None if spec is None else resolve_estimator(spec, name)
             self.config: Any = checked
+            # per entry: how the sites of that name were seen while the handler was active
+            self._seen: dict[str, str] = {}
+            self._warned: set[str] = set()
         elif callable(config):
             self.config = config
         else:
@@ -117,11 +126,75 @@ class EstimatorMessenger(Messenger):
         spec = self.config(msg)
         return None if spec is None else resolve_estimator(spec, msg["name"])
 
+    def __enter__(self) -> EstimatorMessenger:
+        if isinstance(self.config, dict):
+            self._seen = {}
+        return super().__enter__()
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        super().__exit__(exc_type, exc_value, traceback)
+        if exc_type is None and isinstance(self.config, dict):
+            self._warn_unused()
+
+    def _warn_unused(self) -> None:
+        reasons = {
+            "observed": "an observed site (only latent sites take an estimator)",
+            "subsample": "a plate's subsample site",
+        }
+        unused: dict[str, list[str]] = {}
+        for name, spec in self.config.items():
+            kind = self._seen.get(name)
+            if spec is None or kind == "latent" or name in self._warned:
+                continue
+            why = reasons.get(kind or "", "no sample site of that name reached the handler")
+            unused.setdefault(why, []).append(name)
+            self._warned.add(name)
+        for why, names in unused.items():
+            warnings.warn(
+                f"estimator_config: ignored entries {', '.join(repr(n) for n in names)}: {why}",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _pyro_sample(self, message: Message) -> None:
         msg: Any = message
+        if isinstance(self.config, dict) and msg["name"] in self.config:
+            kind = (
+                "subsample"
+                if site_is_subsample(msg)
+                else "observed"
+                if msg["is_observed"]
+                else "latent"
+            )
+            if self._seen.get(msg["name"]) != "latent":
+                self._seen[msg["name"]] = kind
         est = self.lookup(msg)
         if est is not None:
             msg["infer"][ESTIMATOR_KEY] = est
+
+
+def warn_observed_annotations(sites: Iterable[Any]) -> None:
+    """Warn, naming them, about observed sample sites among ``sites`` that carry an annotation.
+
+    ``sites``: trace nodes (messages). The annotation of an observed site is ignored.
+    """
+    names = sorted(
+        {
+            site["name"]
+            for site in sites
+            if site["type"] == "sample"
+            and site["is_observed"]
+            and site["infer"].get(ESTIMATOR_KEY) is not None
+        }
+    )
+    if names:
+        warnings.warn(
+            f"infer['{ESTIMATOR_KEY}'] ignored at observed site(s) "
+            f"{', '.join(repr(n) for n in names)}: an observed value is not sampled, so no "
+            "estimator applies (annotate the latent sites)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def estimator_config(fn: Any = None, config: Config | None = None) -> Any:
@@ -166,4 +239,5 @@ __all__ = [
     "annotatable",
     "estimator_config",
     "resolve_estimator",
+    "warn_observed_annotations",
 ]

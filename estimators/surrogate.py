@@ -31,7 +31,10 @@ the *value* of the cost (summed over its elements, averaged over particles) and 
 
 The cost may be a scalar or have plate dims (above: one cost per example inside
 ``pyro.plate("data")``); a unit is then credited only with the costs of the plate slices it
-belongs to -- the per-plate Rao-Blackwellisation of Pyro's ``Trace_ELBO``.
+belongs to -- the per-plate Rao-Blackwellisation of Pyro's ``Trace_ELBO``. In a subsampled
+plate (``pyro.plate("data", N, subsample_size=n)``) a cost with the plate's dim is scaled by
+``N / n``, as Pyro scales log-densities there, so that the value and the gradient are unbiased
+for the full-data cost; a cost already reduced over that dim is taken as it is.
 
 Per site, with ``a`` the unit's pre-activation and ``L`` its cost (identities in
 :mod:`stochgrad.estimators.sites`):
@@ -71,6 +74,7 @@ from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
 from .base import Estimator, SiteCosts, check_positive_int
+from .handlers import warn_observed_annotations
 from .sites import (
     Run,
     SiteRecord,
@@ -113,6 +117,28 @@ def reduce_cost(cost: Tensor, record: SiteRecord) -> Tensor:
     return record.units(out)
 
 
+def subsample_scale(cost: Tensor, trace: Trace) -> float:
+    """The factor making ``cost`` unbiased for the full data in subsampled plates.
+
+    Pyro scales a log-density inside ``pyro.plate(name, N, subsample_size=n)`` by ``N / n``;
+    a cost is scaled likewise at the dims it shares with such a plate (the plate's dim, there
+    of the subsample's size). A cost without the plate's dim (already summed or averaged over
+    it) is taken as it is.
+    """
+    frames: dict[tuple[str, int], Any] = {}
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        for f in site["cond_indep_stack"]:
+            if f.dim is not None and f.full_size is not None and f.full_size != f.size:
+                frames[(f.name, f.dim)] = f
+    scale = 1.0
+    for f in frames.values():
+        if cost.dim() >= -f.dim and cost.shape[f.dim] == f.size:
+            scale = scale * (f.full_size / f.size)
+    return scale
+
+
 def _sum_to_frames(cost: Tensor, frames: tuple) -> Tensor:
     """Sum ``cost`` (detached) over every dim that is not one of ``frames``' plate dims."""
     keep = {f.dim for f in frames if f.vectorized}
@@ -140,7 +166,7 @@ class _Execution:
             )
         if not cost.is_floating_point():
             raise TypeError(f"the program's cost must be a floating tensor, got {cost.dtype}")
-        self.cost = cost
+        self.cost = cost * subsample_scale(cost, self.trace)
         self.records = run.records
         self.log_weight: Tensor | float = log_weight(self.records.values())
         # re-runs: (estimator, Reruns, [cost of each re-run])
@@ -163,6 +189,9 @@ class Surrogate:
 
     def run(self, fn: Callable, *args: Any, **kwargs: Any) -> SurrogateResult:
         particles = [self._particle(fn, args, kwargs) for _ in range(self.num_particles)]
+        warn_observed_annotations(
+            site for runs in particles for site in runs[0].trace.nodes.values()
+        )
         k = self.num_particles
         weights = [
             [torch.exp(e.log_weight) if isinstance(e.log_weight, Tensor) else 1.0 for e in runs]

@@ -164,7 +164,9 @@ def test_block_hides_site_from_outer_handler():
 
     pyro.set_rng_seed(4)
     phi.grad = None
-    blocked_in_handler().backward()
+    with pytest.warns(UserWarning, match="'b': no sample site"):
+        loss = blocked_in_handler()  # the handler never saw 'b', and says so
+    loss.backward()
     torch.testing.assert_close(phi.grad, plain)
 
 
@@ -302,3 +304,75 @@ def test_decorator_form():
     pyro.set_rng_seed(8)
     tr = Surrogate().run(program).trace
     assert isinstance(tr.nodes["b"]["infer"]["estimator"], StraightThrough)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ignored annotations and entries warn, naming the sites
+# ---------------------------------------------------------------------------------------------
+
+
+def observed_program(annotate_obs=True):
+    phi = PHI.clone().requires_grad_(True)
+
+    def program():
+        with pyro.plate("data", 2):
+            b = pyro.sample("b", dist.Bernoulli(logits=phi).to_event(1))
+            infer = {"estimator": "score_function"} if annotate_obs else {}
+            y = pyro.sample(
+                "y",
+                dist.Bernoulli(logits=phi.sum(-1)),
+                obs=torch.ones(2, dtype=PHI.dtype),
+                infer=infer,
+            )
+            return ((b - T) ** 2).sum(-1) * (1 + y)
+
+    return program
+
+
+def test_annotation_on_observed_site_warns_in_surrogate_loss():
+    with pytest.warns(UserWarning, match=r"observed site\(s\) 'y'"):
+        surrogate_loss(observed_program())
+
+
+def test_annotation_on_observed_site_warns_in_elbo():
+    phi = torch.zeros(2, requires_grad=True)
+
+    def model():
+        z = pyro.sample("z", dist.Bernoulli(0.5 * torch.ones(2)).to_event(1))
+        pyro.sample(
+            "x", dist.Normal(z, 1.0).to_event(1), obs=torch.ones(2), infer={"estimator": "sts"}
+        )
+
+    def guide():
+        pyro.sample(
+            "z", dist.Bernoulli(logits=phi).to_event(1), infer={"estimator": "score_function"}
+        )
+
+    with pytest.warns(UserWarning, match=r"observed site\(s\) 'x'"):
+        EstimatorELBO().differentiable_loss(model, guide)
+
+
+def test_config_entry_naming_no_site_warns_once_per_handler():
+    handler = estimator_config(config={"b": "sts", "typo": "straight_through"})
+    with pytest.warns(UserWarning, match=r"'typo': no sample site") as caught:
+        with handler:
+            surrogate_loss(make_program()[0])
+    assert len(caught) == 1 and "'b'" not in str(caught[0].message)
+    with handler:  # the same handler again: already warned about 'typo'
+        surrogate_loss(make_program()[0])
+
+
+def test_config_entry_naming_observed_site_warns():
+    program = estimator_config(observed_program(annotate_obs=False), {"y": "sts", "b": "sts"})
+    with pytest.warns(UserWarning, match=r"'y': an observed site"):
+        surrogate_loss(program)
+
+
+def test_correct_config_and_none_entries_do_not_warn():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with estimator_config(config={"b": "sts", "c": "score_function", "absent": None}):
+            surrogate_loss(make_program()[0])
+        surrogate_loss(estimator_config(observed_program(annotate_obs=False), {"b": "sts"}))

@@ -384,7 +384,8 @@ def test_condition_makes_site_observed():
         )
         return b.sum()
 
-    result = Surrogate().run(poutine.condition(program, {"b": torch.ones(3)}))
+    with pytest.warns(UserWarning, match="observed site.*'b'"):
+        result = Surrogate().run(poutine.condition(program, {"b": torch.ones(3)}))
     assert result.trace.nodes["b"]["is_observed"]
     assert not result.loss.requires_grad  # an observed site has no estimator term
     torch.testing.assert_close(result.cost, torch.tensor(3.0))
@@ -425,3 +426,82 @@ def test_forward_gradient_rejects_site_estimators():
     theta = torch.zeros(1, requires_grad=True)
     with pytest.raises(ValueError, match="'spsa' or 'finite_difference'"):
         forward_gradient(lambda: theta.sum(), [theta], "straight_through")
+
+
+# ---------------------------------------------------------------------------------------------
+# Subsampled plates: scaled by N / n like Pyro's log-densities
+# ---------------------------------------------------------------------------------------------
+
+SUB_PHI = torch.tensor([-1.2, -0.5, 0.1, 0.3, 0.8, -0.2, 1.4, 0.6], dtype=torch.float64)
+SUB_T = torch.tensor([0.1, 0.9, 0.4, 0.2, 0.7, 0.5, 0.3, 0.8], dtype=torch.float64)
+
+
+def subsampled_program(phi, w, estimator, subsample=None, reduce=False):
+    """A cost per example, ``w_i (h_i - t_i)^2 + w_i^2``, in a plate of 8 (or a subset)."""
+
+    def program():
+        with pyro.plate("data", 8, subsample=subsample) as i:
+            h = pyro.sample("h", dist.Bernoulli(logits=phi[i]), infer={"estimator": estimator})
+            cost = w[i] * (h - SUB_T[i]) ** 2 + w[i] ** 2
+            return cost.sum() if reduce else cost
+
+    return program
+
+
+def _value_and_grads(program, phi, w):
+    phi.grad = w.grad = None
+    loss = surrogate_loss(program)
+    loss.backward()
+    return loss.detach(), phi.grad.clone(), w.grad.clone()
+
+
+def test_subsampled_plate_is_unbiased_over_all_subsets_exactly():
+    """With ``exact`` at the site (no sampling noise), the mean over all C(8, 4) = 70 subsets
+    of the value and of the gradients equals the full-data value and gradients."""
+    import itertools
+
+    phi = SUB_PHI.clone().requires_grad_(True)
+    w = torch.linspace(0.5, 2.0, 8, dtype=torch.float64).requires_grad_(True)
+    full = _value_and_grads(subsampled_program(phi, w, "exact"), phi, w)
+    subsets = list(itertools.combinations(range(8), 4))
+    assert len(subsets) == 70
+    sums = [
+        torch.zeros_like(full[0]),
+        torch.zeros(8, dtype=torch.float64),
+        torch.zeros(8, dtype=torch.float64),
+    ]
+    for idx in subsets:
+        program = subsampled_program(phi, w, "exact", subsample=torch.tensor(idx))
+        for acc, x in zip(sums, _value_and_grads(program, phi, w)):
+            acc += x
+    for acc, x in zip(sums, full):
+        torch.testing.assert_close(acc / len(subsets), x, rtol=1e-12, atol=1e-12)
+
+
+def test_subsampled_score_function_term_is_scaled():
+    """One subset, fixed seed: each term is ``(N / n) (h_i - p_i) L_i`` (and the value scaled)."""
+    phi = SUB_PHI.clone().requires_grad_(True)
+    w = torch.ones(8, dtype=torch.float64)
+    idx = torch.tensor([1, 2, 5, 7])
+    pyro.set_rng_seed(11)
+    result = Surrogate().run(subsampled_program(phi, w, "score_function", subsample=idx))
+    result.loss.backward()
+    h = result.trace.nodes["h"]["value"].detach()
+    cost = (h - SUB_T[idx]) ** 2 + 1.0
+    expected = torch.zeros(8, dtype=torch.float64)
+    expected[idx] = 2.0 * (h - torch.sigmoid(SUB_PHI[idx])) * cost
+    torch.testing.assert_close(phi.grad, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.cost, 2.0 * cost.sum())
+
+
+def test_cost_reduced_over_a_subsampled_plate_is_not_rescaled():
+    phi = SUB_PHI.clone().requires_grad_(True)
+    w = torch.ones(8, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([0, 3, 4, 6])
+    per_example = _value_and_grads(subsampled_program(phi, w, "exact", subsample=idx), phi, w)
+    summed = _value_and_grads(
+        subsampled_program(phi, w, "exact", subsample=idx, reduce=True), phi, w
+    )
+    torch.testing.assert_close(summed[0] * 2.0, per_example[0])
+    torch.testing.assert_close(summed[1] * 2.0, per_example[1])
+    torch.testing.assert_close(summed[2] * 2.0, per_example[2])
