@@ -453,8 +453,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     cols = ["estimator", "sweep_value", "variance", "variance_lo", "variance_hi", "bias_l2"]
     cols += ["mse", "p_unbiased"]
+    shown = table[cols].assign(estimator=table["estimator"].map(_short_name))
     with _pandas_display():
-        print(table[cols].to_string(index=False, float_format=_g))
+        print(shown.to_string(index=False, float_format=_g))
+    print("sf = score_function, st = straight_through; all columns are in summary.csv")
     figs = _figures(args.out, args.no_plots, getattr(args, "no_progress", False))
     print(
         f"\nwrote {args.out}/summary.csv" + (f" and figures in {args.out}/figures" if figs else "")

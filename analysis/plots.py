@@ -142,6 +142,13 @@ def _scale(ax: Any, axis: str, values: np.ndarray) -> None:
         lim(0, float(pos.max()) * 3)
     elif pos.max() / pos.min() > 10:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    else:
+        return
+    # The style draws no tick marks and grid lines at major ticks only, and an axis spanning
+    # more than a decade labels no minor tick: minor ticks would only cost drawing time.
+    from matplotlib.ticker import NullLocator
+
+    (ax.xaxis if axis == "x" else ax.yaxis).set_minor_locator(NullLocator())
 
 
 def _legend(fig: Figure, labels: Sequence[str], *extra: Any) -> None:

@@ -87,7 +87,10 @@ def test_sweep_and_plot(tmp_path, capsys):
     assert (out / "figures" / "variance_sweep.png").stat().st_size > 1000
     table = pd.read_csv(out / "summary.csv")
     assert list(table["sweep_value"]) == [-1.0, 0.0, 1.0]
-    capsys.readouterr()
+    printed = capsys.readouterr().out.splitlines()
+    shown = printed[: next(i for i, x in enumerate(printed) if x.startswith("sf = "))]
+    assert len(shown) == 4 and max(len(x) for x in shown) <= 100
+    assert all(x.split()[0].startswith("st") for x in shown[1:])
     assert cli.main(["plot", str(out)]) == 0
     assert "variance_sweep.pdf" in capsys.readouterr().out
 
