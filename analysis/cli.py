@@ -420,7 +420,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     print(format_table(table))
     for s in table.attrs.get("skipped", []):
-        print(f"skipped: {s['estimator']} on {s['model']}: {_first_line(s['reason'])}")
+        why = f"skipped: {s['estimator']} on {s['model']}: {_first_line(s['reason'])}"
+        print(textwrap.fill(why, TABLE_WIDTH, subsequent_indent="  ", break_on_hyphens=False))
     t_plot = time.perf_counter()
     figs = _figures(args.out, args.no_plots, args.no_progress)
     t_end = time.perf_counter()

@@ -171,3 +171,14 @@ def test_plotting_reports_progress(tmp_path, capsys):
     (out / "figures" / ".stamp").unlink()
     assert cli.main([*argv, "--no-progress"]) == 0  # redrawn, silently
     assert "figure " not in capsys.readouterr().err
+
+
+def test_compare_skipped_cells_fit_100_columns(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--models", "toy", "--estimators", "exact", "sts", "--draws", "50"]
+    argv += ["--no-progress", "--threads", "1", "--no-plots", "--out", str(out)]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = lines[: next(i for i, x in enumerate(lines) if x.startswith("wrote "))]
+    assert any(x.startswith("skipped: exact on toy") for x in shown)
+    assert max(len(x) for x in shown) <= 100, max(shown, key=len)
