@@ -205,23 +205,43 @@ def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
 # Output
 # ---------------------------------------------------------------------------------------------
 
+# The compact summary printed by ``compare``: the columns a reader needs first. The full
+# table, intervals and costs included, is summary.csv.
 _TABLE_COLUMNS = [
     ("estimator", "estimator"),
     ("param", "param"),
     ("bias_l2", "bias"),
-    ("rel_bias", "rel_bias"),
+    ("bias_noise_floor", "floor"),
     ("variance", "variance"),
-    ("_var_ci", "variance 95% CI"),
     ("mse", "mse"),
-    ("cosine", "cosine"),
     ("snr", "snr"),
-    ("z_max", "z_max"),
     ("p_unbiased", "p_unbiased"),
-    ("evals_per_draw", "evals"),
-    ("draws", "draws"),
-    ("work_variance", "work_var"),
-    ("_us", "us/draw"),
 ]
+
+#: Widest line ``format_table`` prints.
+TABLE_WIDTH = 100
+
+# Shortened spellings of long estimator names in the printed table.
+_SHORT = {
+    "score_function": "sf",
+    "straight_through": "st",
+    "baseline=": "",
+    "variant=": "",
+}
+
+
+def _short_name(name: str) -> str:
+    """``score_function:baseline=moving_average`` -> ``sf:moving_average``."""
+    head, sep, tail = name.partition(":")
+    head = _SHORT.get(head, head)
+    for k, v in _SHORT.items():
+        if k.endswith("="):
+            tail = tail.replace(k, v)
+    return head + sep + tail
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(1, width - 1)] + "~"
 
 
 def _g(x: Any) -> str:
@@ -236,62 +256,70 @@ def _g(x: Any) -> str:
     return f"{v:.3g}"
 
 
-def format_table(df: Any) -> str:
-    """The summary table as text, one block per model (3 significant digits)."""
+def format_table(df: Any, width: int = TABLE_WIDTH) -> str:
+    """A compact summary, one block per model (3 significant digits), no line over ``width``.
+
+    Estimator names are shortened (``sf`` = score_function, ``st`` = straight_through) and
+    long names clipped with ``~``; every other column is in ``summary.csv``.
+    """
     if df.empty:
         return "(no rows)"
-    level = df["level"].iloc[0] if "level" in df else 0.95
-    cols = [
-        (k, h.replace("95%", f"{100 * float(level):g}%") if k == "_var_ci" else h)
-        for k, h in _TABLE_COLUMNS
-    ]
     blocks = []
     single_param = df.groupby("model")["param"].nunique().max() == 1
+    keys = [k for k, _ in _TABLE_COLUMNS if not (k == "param" and single_param)]
+    heads = [h for k, h in _TABLE_COLUMNS if k in keys]
+    text_cols = [j for j, k in enumerate(keys) if k in ("estimator", "param")]
     for model, sub in df.groupby("model", sort=False):
         rows = []
         for _, r in sub.iterrows():
-            row = []
-            for k, _h in cols:
-                if k == "_var_ci":
-                    row.append(f"[{_g(r['variance_lo'])}, {_g(r['variance_hi'])}]")
-                elif k == "_us":
-                    row.append(_g(1e6 * float(r["seconds_per_draw"])))
-                elif k in ("draws", "evals_per_draw"):
-                    row.append(f"{float(r[k]):g}")
-                else:
-                    row.append(_g(r[k]) if k not in ("estimator", "param") else str(r[k]))
-            rows.append(row)
-        keep = [i for i, (k, _) in enumerate(cols) if not (k == "param" and single_param)]
-        heads = [cols[i][1] for i in keep]
-        rows = [[row[i] for i in keep] for row in rows]
+            rows.append(
+                [
+                    _short_name(str(r[k])) if k == "estimator"
+                    else str(r[k]) if k == "param"
+                    else _g(r[k]) if k in r else "-"
+                    for k in keys
+                ]
+            )  # fmt: skip
         widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(heads)]
-        left = {0, 1} if not single_param else {0}
+        # shrink the widest text column until the line fits
+        while sum(widths) + 2 * (len(widths) - 1) > width:
+            j = max(text_cols, key=lambda i: widths[i])
+            if widths[j] <= max(6, len(heads[j])):
+                break
+            widths[j] -= 1
+        rows = [[_clip(c, widths[j]) for j, c in enumerate(r)] for r in rows]
+        left = set(text_cols)
 
         def fmt(cells: list[str], widths: list[int] = widths, left: set[int] = left) -> str:
             return "  ".join(
                 c.ljust(w) if j in left else c.rjust(w)
                 for j, (c, w) in enumerate(zip(cells, widths))
-            )
+            ).rstrip()
 
         ref = sub["reference"].iloc[0] if "reference" in sub else "?"
-        lines = [f"== {model}  (reference gradient: {ref})"]
+        lines = [_clip(f"== {model}  (reference gradient: {ref})", width)]
         lines.append(fmt(heads))
         lines.append(fmt(["-" * w for w in widths]))
         lines += [fmt(r) for r in rows]
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    legend = [
+        "bias: debiased ||mean - g*|| (0 = within Monte Carlo noise); floor: sqrt(tr(cov) / draws)",
+        "sf = score_function, st = straight_through",
+    ]
+    return "\n\n".join(blocks) + "\n\n" + "\n".join(_clip(x, width) for x in legend)
 
 
 def _echo(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _figures(out: str, no_plots: bool) -> list[str]:
+def _figures(out: str, no_plots: bool, quiet: bool = False) -> list[str]:
+    """Draw the figures of ``out``, one progress line per figure on stderr unless ``quiet``."""
     if no_plots:
         return []
     from .plots import plot_results
 
-    return [str(f) for f in plot_results(out)]
+    return [str(f) for f in plot_results(out, echo=None if quiet else _echo)]
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -392,12 +420,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     print(format_table(table))
     for s in table.attrs.get("skipped", []):
-        print(f"skipped: {s['estimator']} on {s['model']}: {_first_line(s['reason'])}")
-    figs = _figures(args.out, args.no_plots)
-    print(f"\nwrote {args.out}/summary.csv, per_coordinate.csv, run.json" + (
-        f" and {len(figs)} figure files in {args.out}/figures" if figs else ""
-    ))  # fmt: skip
-    print(f"wall time {time.perf_counter() - t0:.1f} s")
+        why = f"skipped: {s['estimator']} on {s['model']}: {_first_line(s['reason'])}"
+        print(textwrap.fill(why, TABLE_WIDTH, subsequent_indent="  ", break_on_hyphens=False))
+    t_plot = time.perf_counter()
+    figs = _figures(args.out, args.no_plots, args.no_progress)
+    t_end = time.perf_counter()
+    print("\nall columns (intervals, z_max, costs, draws, ...) are in summary.csv")
+    print(f"wrote {args.out}/summary.csv, per_coordinate.csv, run.json")
+    if figs:
+        print(f"wrote {len(figs)} figure files in {args.out}/figures")
+    plots = f" (figures {t_end - t_plot:.1f} s)" if figs else ""
+    print(f"wall time {t_end - t0:.1f} s{plots}")
     return 0
 
 
@@ -421,9 +454,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     cols = ["estimator", "sweep_value", "variance", "variance_lo", "variance_hi", "bias_l2"]
     cols += ["mse", "p_unbiased"]
+    shown = table[cols].assign(estimator=table["estimator"].map(_short_name))
     with _pandas_display():
-        print(table[cols].to_string(index=False, float_format=_g))
-    figs = _figures(args.out, args.no_plots)
+        print(shown.to_string(index=False, float_format=_g))
+    print("sf = score_function, st = straight_through; all columns are in summary.csv")
+    figs = _figures(args.out, args.no_plots, getattr(args, "no_progress", False))
     print(
         f"\nwrote {args.out}/summary.csv" + (f" and figures in {args.out}/figures" if figs else "")
     )
@@ -454,7 +489,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"expected loss after {int(table['step'].max())} steps (mean, sd over seeds):")
         with _pandas_display():
             print(agg.to_string(float_format=_g))
-    figs = _figures(args.out, args.no_plots)
+    figs = _figures(args.out, args.no_plots, getattr(args, "no_progress", False))
     print(
         f"\nwrote {args.out}/summary.csv" + (f" and figures in {args.out}/figures" if figs else "")
     )
@@ -464,7 +499,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plots import plot_results
 
-    for f in plot_results(args.dir):
+    for f in plot_results(args.dir, echo=_echo):
         print(f)
     return 0
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,17 @@ def save(fig: Figure, path: str | Path, formats: Sequence[str] = ("png", "pdf"))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = []
-    for fmt in formats:
-        f = path.with_suffix("." + fmt)
-        fig.savefig(f, dpi=150)
-        out.append(f)
+    engine = fig.get_layout_engine()
+    try:
+        for fmt in formats:
+            f = path.with_suffix("." + fmt)
+            fig.savefig(f, dpi=150)
+            out.append(f)
+            # The layout depends on sizes in points only, so the first format's layout holds
+            # for the others: freeze it instead of solving it again for every file.
+            fig.set_layout_engine("none")
+    finally:
+        fig.set_layout_engine(engine)
     return out
 
 
@@ -134,6 +142,13 @@ def _scale(ax: Any, axis: str, values: np.ndarray) -> None:
         lim(0, float(pos.max()) * 3)
     elif pos.max() / pos.min() > 10:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    else:
+        return
+    # The style draws no tick marks and grid lines at major ticks only, and an axis spanning
+    # more than a decade labels no minor tick: minor ticks would only cost drawing time.
+    from matplotlib.ticker import NullLocator
+
+    (ax.xaxis if axis == "x" else ax.yaxis).set_minor_locator(NullLocator())
 
 
 def _legend(fig: Figure, labels: Sequence[str], *extra: Any) -> None:
@@ -384,8 +399,15 @@ def plot_training(df: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_results(path: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
-    """(Re)draw every figure of a results directory into ``DIR/figures``; returns the files."""
+def plot_results(
+    path: str | Path,
+    formats: Sequence[str] = ("png", "pdf"),
+    echo: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """(Re)draw every figure of a results directory into ``DIR/figures``; returns the files.
+
+    ``echo``, when given, receives one progress line per figure (name and seconds taken).
+    """
     from .results import FIGURES_DIR, ResultsDir, read_summary
 
     path = Path(path)
@@ -426,9 +448,15 @@ def plot_results(path: str | Path, formats: Sequence[str] = ("png", "pdf")) -> l
     ):
         return wanted
     files: list[Path] = []
-    for name, fn in figs.items():
+    for i, (name, fn) in enumerate(figs.items(), 1):
+        t0 = time.perf_counter()
         fig = fn(df)
         files += save(fig, figdir / name, formats)
+        if echo is not None:
+            echo(
+                f"figure {i}/{len(figs)}: {name} ({', '.join(formats)}) "
+                f"in {time.perf_counter() - t0:.1f} s"
+            )
     from .results import atomic_write_text
 
     atomic_write_text(stamp_file, stamp + "\n")

@@ -87,7 +87,10 @@ def test_sweep_and_plot(tmp_path, capsys):
     assert (out / "figures" / "variance_sweep.png").stat().st_size > 1000
     table = pd.read_csv(out / "summary.csv")
     assert list(table["sweep_value"]) == [-1.0, 0.0, 1.0]
-    capsys.readouterr()
+    printed = capsys.readouterr().out.splitlines()
+    shown = printed[: next(i for i, x in enumerate(printed) if x.startswith("sf = "))]
+    assert len(shown) == 4 and max(len(x) for x in shown) <= 100
+    assert all(x.split()[0].startswith("st") for x in shown[1:])
     assert cli.main(["plot", str(out)]) == 0
     assert "variance_sweep.pdf" in capsys.readouterr().out
 
@@ -126,3 +129,56 @@ def test_reproduce_missing_module_is_explained(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "stochgrad.analysis.reproduce", None)  # import -> error
     assert cli.main(["reproduce", "--anything"]) == 2
     assert "reproduce is not available" in capsys.readouterr().err
+
+
+def test_compare_table_fits_100_columns(tmp_path, capsys):
+    """The printed summary of a compare over every default estimator fits 100 columns."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--models", "toy:dim=5", "sbn", "--draws", "200", "--no-progress"]
+    argv += ["--threads", "1", "--no-plots", "--out", str(out)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    table = lines[: next(i for i, x in enumerate(lines) if x.startswith("wrote "))]
+    assert len(table) > 30 and max(len(x) for x in table) <= 100, max(table, key=len)
+    assert "sf:moving_average" in text and "st:identity" in text and "node_perturbation" in text
+    head = next(x for x in lines if x.startswith("estimator"))
+    assert head.split() == ["estimator", "param", "bias", "floor", "variance", "mse", "snr",
+                            "p_unbiased"]  # fmt: skip
+    assert f"{out}/summary.csv" in text
+    assert "all columns" in table[-1] and "summary.csv" in table[-1]
+    assert "wall time" in text
+
+
+def test_format_table_clips_long_names():
+    row = {"model": "toy:" + "x" * 150, "estimator": "spsa:" + "c=1," * 40, "param": "p" * 60}
+    row |= {"reference": "exact", "bias_l2": 1.0, "bias_noise_floor": 0.1, "variance": 2.0}
+    row |= {"mse": 3.0, "snr": 0.5, "p_unbiased": 0.2}
+    text = cli.format_table(pd.DataFrame([row, row | {"param": "q"}]))
+    assert max(len(x) for x in text.splitlines()) <= 100
+    assert "~" in text and "0.2" in text
+
+
+def test_plotting_reports_progress(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--models", "toy:dim=5", "--draws", "200", "--threads", "1"]
+    argv += ["--estimators", "straight_through", "--out", str(out)]
+    assert cli.main(argv) == 0
+    cap = capsys.readouterr()
+    figs = [x.split()[2] for x in cap.err.splitlines() if x.startswith("figure ")]
+    assert figs == ["bias_vs_std", "mse_vs_cost", "variance"]
+    assert "(figures " in cap.out
+    (out / "figures" / ".stamp").unlink()
+    assert cli.main([*argv, "--no-progress"]) == 0  # redrawn, silently
+    assert "figure " not in capsys.readouterr().err
+
+
+def test_compare_skipped_cells_fit_100_columns(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--models", "toy", "--estimators", "exact", "sts", "--draws", "50"]
+    argv += ["--no-progress", "--threads", "1", "--no-plots", "--out", str(out)]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = lines[: next(i for i, x in enumerate(lines) if x.startswith("wrote "))]
+    assert any(x.startswith("skipped: exact on toy") for x in shown)
+    assert max(len(x) for x in shown) <= 100, max(shown, key=len)

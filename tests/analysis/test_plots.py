@@ -170,3 +170,23 @@ def test_unchanged_results_are_not_redrawn(tmp_path):
         os.utime(f, ns=(0, 0))
     plots.plot_results(out)
     assert all(f.stat().st_mtime_ns > 0 for f in files)
+
+
+def test_save_writes_every_format_and_keeps_the_layout_engine(tmp_path):
+    """PNG and PDF come from one layout; the figure keeps its own layout engine afterwards."""
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    df = pd.DataFrame(
+        {
+            "model": ["toy"] * 2, "estimator": ["sts", "spsa"], "param": ["logits"] * 2,
+            "variance": [1e-3, 2.0], "variance_lo": [9e-4, 1.9], "variance_hi": [1.1e-3, 2.1],
+            "draws": [100, 100], "seed": [0, 0], "level": [0.95, 0.95],
+        }
+    )  # fmt: skip
+    fig = plots.plot_variance(df)
+    files = plots.save(fig, tmp_path / "v")
+    assert [f.name for f in files] == ["v.png", "v.pdf"]
+    assert all(f.stat().st_size > 1000 for f in files)
+    assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and not ax.xaxis.get_minorticklocs().size
