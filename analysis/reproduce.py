@@ -45,7 +45,12 @@ import pandas as pd
 import torch
 
 from stochgrad.analysis import executor as ex
-from stochgrad.analysis.results import atomic_write_csv, atomic_write_text, environment
+from stochgrad.analysis.results import (
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_text,
+    environment,
+)
 from stochgrad.models import conditional as cc
 from stochgrad.models.data import Digits, Split, default_mnist_path, load_mnist
 
@@ -398,7 +403,7 @@ def _run_remote(
             record, files = outcome
             row, seed = record["row"], record["seed"]
             for name, blob in files.items():  # the record last: it marks the run finished
-                _atomic_write_bytes(runs / row / name, blob)
+                atomic_write_bytes(runs / row / name, blob)
             atomic_write_text(runs / row / f"seed{seed}.json", json.dumps(record, indent=1))
             print(
                 f"reproduce: {row} seed {seed}: valid {100 * record['valid_error']:.2f}% test "
@@ -411,16 +416,6 @@ def _run_remote(
         failures += e.failures
     if failures:
         raise ex.CellsFailed(failures, len(cells))
-
-
-def _atomic_write_bytes(path: Path, blob: bytes) -> None:
-    """``blob`` to ``path``: a temporary file beside it, then rename (never half written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(blob)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _load_record(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
