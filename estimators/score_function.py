@@ -78,6 +78,8 @@ from .base import (
     check_positive_float,
     check_positive_int,
     hard_sample,
+    repeat_draws,
+    run_model,
 )
 from .registry import register
 
@@ -278,8 +280,23 @@ class ScoreFunction(SurrogateEstimator):
         left = self.resolved_warmup_draws()
         while left > 0:
             n = min(self.warmup_chunk, left)
-            self._draw(objective, n, rng)
+            self._warmup_step(objective, n, rng)
             left -= n
+
+    def _warmup_step(self, objective: Any, draws: int, rng: Any) -> None:
+        """One warm-up chunk: the draws' costs folded into the state, without gradients.
+
+        The same uniforms are drawn, and the same state results, as from ``_draw`` (whose
+        gradients a warm-up throws away), so the measured draws are unchanged; only the model's
+        backward pass (and the per-draw parameter copies) are saved.
+        """
+        params = {
+            k: v.detach().unsqueeze(0).expand(draws, *v.shape) for k, v in objective.params.items()
+        }
+        with torch.no_grad():
+            batched = repeat_draws(params, self.num_samples)
+            cost, sites = run_model(objective, batched, self.rule(Uniforms(rng)), self.name)
+        self.update(cost.view(draws, self.num_samples), sites)
 
     def resolved_warmup_draws(self) -> int:
         """Draws of the warm-up: ``warmup_draws``, or by default enough for the criterion."""
