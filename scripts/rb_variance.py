@@ -44,7 +44,8 @@ def chain(infer):
         pyro.sample("x", dist.Normal(2.0 * z2 - z1, 1.0), obs=torch.tensor(1.0))
 
     def guide():
-        z1 = pyro.sample("z1", dist.Bernoulli(logits=pyro.param("a", torch.tensor(0.3))))
+        a = pyro.param("a", torch.tensor(0.3))
+        z1 = pyro.sample("z1", dist.Bernoulli(logits=a), infer=infer)
         pyro.sample(
             "z2", dist.Bernoulli(logits=pyro.param("b", torch.tensor(-0.2)) + z1), infer=infer
         )
@@ -111,11 +112,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--draws", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     args = ap.parse_args()
     torch.set_num_threads(1)
     sf = {"estimator": "score_function"}
     print(f"{'model':<13}{'var TG':>10}{'ann/TG':>9}{'ann+MA/TG':>11}{'whole/TG':>10}  (param a)")
-    for name, build in MODELS.items():
+    for name in args.models:
+        build = MODELS[name]
         mp = {"nested": 2, "hierarchical": 1}.get(name, 0)
         tg = grads(build, {}, TraceGraph_ELBO(max_plate_nesting=mp), args.draws, args.seed)
         an = grads(build, sf, EstimatorELBO(max_plate_nesting=mp), args.draws, args.seed + 1)
