@@ -10,13 +10,18 @@ every other site behaves exactly as under Pyro's ``TraceGraph_ELBO`` (pathwise f
 reparameterised sites, score function with downstream costs and Pyro's ``infer["baseline"]``
 options for the rest).
 
-Objective: ``ELBO = E_q[log p(x, z) - log q(z)]``, per particle. The cost a unit of an
-annotated guide site is credited with is ``L = -(log p - log q)`` summed over every site and
-reduced to the unit's plates (the per-plate Rao-Blackwellisation of ``Trace_ELBO``). Per kind
-(see :mod:`stochgrad.estimators.sites`):
+Objective: ``ELBO = E_q[log p(x, z) - log q(z)]``, per particle. Crediting rule: a unit of
+an annotated site ``s`` is credited with ``L_s = -(sum of log p_t - sum of log q_t)`` over the
+model and guide sites ``t`` whose log-density's provenance contains ``s`` (``s`` itself
+included: the terms ``s`` can influence, found by Pyro's provenance tracking as in
+``TraceGraph_ELBO``), each term with its subsampling scale and mask, reduced to the unit's
+plates. The terms left out do not depend on ``h_s``, so dropping them removes variance and no
+mean. Exceptions: sites whose estimator re-runs the program (``site_perturbs``) or enumerates it
+(``site_enumerates``) are not tracked and keep the whole cost ``L`` over every site. Stateful
+baselines track the credited cost. Per kind (see :mod:`stochgrad.estimators.sites`):
 
-- ``score_function``: ``(L - b) d log q(h)`` per unit plus ``d log p`` with ``h`` held fixed --
-  with no baseline this is ``Trace_ELBO``'s surrogate term for the site, exactly;
+- ``score_function``: ``(L_s - b) d log q(h)`` per unit plus ``d log p`` with ``h`` held fixed
+  -- with no baseline this is ``TraceGraph_ELBO``'s surrogate term for the site, exactly;
 - ``straight_through``, ``sts``, ``noisy_rectifier``: the value carries the rule's gradient
   into ``log p(x, h) - log q(h)`` (``sts``/``noisy_rectifier`` values lie outside {0, 1}: the
   densities are evaluated at them without support validation; biased, by design);
@@ -66,6 +71,7 @@ from .sites import (
     SiteRecord,
     SiteRuleMessenger,
     TrackUnannotated,
+    credits_downstream,
     enumerated,
     enumeration_tables,
     log_weight,
@@ -137,15 +143,36 @@ class _Execution:
                 self.log_r.add((site["cond_indep_stack"], -_unprovenanced(site["log_prob"])))
                 elbo_value = elbo_value - _unprovenanced(site["log_prob_sum"])
         self.elbo = torch.as_tensor(elbo_value)
+        # per downstream-crediting record: the terms of log r whose provenance holds the site
+        self.downstream: dict[str, MultiFrameTensor] = {}
+        tracked = {n for n, r in self.records.items() if credits_downstream(r.estimator)}
+        if tracked:
+            self.downstream = {n: _LogR() for n in tracked}
+            for name, site in model_trace.nodes.items():
+                if site["type"] == "sample" and name not in self.model_records:
+                    for key in _provenance(site["log_prob"]) & tracked:
+                        term = _unprovenanced(site["log_prob"])
+                        self.downstream[key].add((site["cond_indep_stack"], term))
+            for site in guide_trace.nodes.values():
+                if site["type"] == "sample":
+                    for key in _provenance(site["log_prob"]) & tracked:
+                        term = -_unprovenanced(site["log_prob"])
+                        self.downstream[key].add((site["cond_indep_stack"], term))
         # re-runs: (estimator, Reruns, [log r of each re-run])
         self.perturbed: list[tuple[Any, Any, list[MultiFrameTensor]]] = []
         self._site_costs: dict[str, Tensor] = {}
 
     def site_cost(self, record: SiteRecord, log_r: MultiFrameTensor | None = None) -> Tensor:
-        """``L = -log r`` summed to the site's plates, event dims appended (detached)."""
+        """The cost credited to the site's units, summed to its plates, event dims appended.
+
+        ``-log r`` over the terms downstream of the site where its estimator credits downstream
+        costs (:func:`~stochgrad.estimators.sites.credits_downstream`), else over every term;
+        ``log_r`` given: over that (a re-run's) ``log r``. Detached.
+        """
         if log_r is None:
             if record.name not in self._site_costs:
-                self._site_costs[record.name] = self.site_cost(record, self.log_r)
+                own = self.downstream.get(record.name, self.log_r)
+                self._site_costs[record.name] = self.site_cost(record, own)
             return self._site_costs[record.name]
         cost = -log_r.sum_to(record.frames)
         if not isinstance(cost, Tensor):

@@ -15,7 +15,9 @@ hooks documented in :mod:`stochgrad.estimators.base`:
 - ``site_perturbs`` / ``site_reruns``: extra runs with the same random numbers (torch's
   generator state is restored) at offsets of the sites' logits, without gradient;
 - ``site_term``: the term the site adds to the loss, given the cost its units are credited
-  with (``L``, reduced to the unit's plates), the other particles' costs and the re-runs'
+  with (reduced to the unit's plates: the cost terms downstream of the site, by provenance,
+  for sites :func:`credits_downstream` accepts and :class:`TrackUnannotated` tracks; the whole
+  cost for re-running and enumerating estimators), the other particles' costs and the re-runs'
   changes in cost; ``site_commit``: training state updated after the step;
 - ``site_validates = False``: the densities are evaluated at the value without support
   validation; ``site_owns_log_q = True``: the ELBO leaves the site's ``log q`` out of its
@@ -276,8 +278,23 @@ class SiteRuleMessenger(Messenger):
             )
 
 
+def credits_downstream(est: Estimator) -> bool:
+    """Whether a site of ``est`` is credited with its downstream cost (provenance-tracked).
+
+    Every annotated estimator except those that re-run the program (``site_perturbs``: their
+    changes in cost compare whole re-runs) or enumerate it (``site_enumerates``: the weighted
+    sum over configurations is exact as it is); those keep the whole cost ``L``.
+    """
+    return not (est.site_perturbs or est.site_enumerates)
+
+
 class TrackUnannotated(TrackNonReparam):
-    """Pyro's provenance tracking of non-reparameterised sites, minus the annotated ones."""
+    """Pyro's provenance tracking of non-reparameterised sites.
+
+    Annotated sites are tracked too when their estimator credits downstream costs
+    (:func:`credits_downstream`); the record then holds the tracked value. Sites replayed from
+    the guide already carry their provenance and are left as they are.
+    """
 
     def __init__(self, *runs: Run):
         super().__init__()
@@ -295,7 +312,13 @@ class TrackUnannotated(TrackNonReparam):
         msg: Any = message
         name = msg["name"]
         for run in self.runs:
-            if run.handles(name):
+            record = run.records.get(name)
+            if record is not None:
+                if credits_downstream(record.estimator) and record.value is msg["value"]:
+                    super()._pyro_post_sample(msg)
+                    record.value = msg["value"]
+                return
+            if name in run.skip:
                 return
         super()._pyro_post_sample(msg)
 
@@ -380,6 +403,7 @@ __all__ = [
     "TrackUnannotated",
     "base_distribution",
     "check_supported",
+    "credits_downstream",
     "enumeration_tables",
     "log_weight",
     "perturbed_reruns",

@@ -17,7 +17,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
+from pyro.infer import SVI, TraceEnum_ELBO, TraceGraph_ELBO
 
 from stochgrad import estimators
 from stochgrad.estimators.elbo import EstimatorELBO
@@ -90,18 +90,18 @@ def grads_of(elbo, model, guide):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_score_function_equals_trace_elbo(seed):
+def test_score_function_equals_tracegraph_elbo(seed):
     pyro.set_rng_seed(seed)
     tr = poutine.trace(plated_guide).get_trace()
     replayed = poutine.replay(plated_guide, trace=tr)
-    loss_p, g_pyro = grads_of(Trace_ELBO(), plated_model, replayed)
+    loss_p, g_pyro = grads_of(TraceGraph_ELBO(), plated_model, replayed)
     ours = estimator_config(replayed, {"z": "score_function", "w": "score_function"})
     loss_o, g_ours = grads_of(EstimatorELBO(), plated_model, ours)
     assert loss_o == pytest.approx(loss_p, rel=1e-12)
     assert_same(g_pyro, g_ours)
 
 
-def test_particle_plate_equals_trace_elbo():
+def test_particle_plate_equals_tracegraph_elbo():
     """Vectorised particles as an outer plate (as ``vectorize_particles`` builds it)."""
 
     def particles(fn):
@@ -110,7 +110,7 @@ def test_particle_plate_equals_trace_elbo():
     pyro.set_rng_seed(0)
     tr = poutine.trace(particles(plated_guide)).get_trace()
     replayed = poutine.replay(particles(plated_guide), trace=tr)
-    _, g_pyro = grads_of(Trace_ELBO(max_plate_nesting=3), particles(plated_model), replayed)
+    _, g_pyro = grads_of(TraceGraph_ELBO(max_plate_nesting=3), particles(plated_model), replayed)
     ours = estimator_config(replayed, {"z": "score_function", "w": "score_function"})
     _, g_ours = grads_of(EstimatorELBO(max_plate_nesting=3), particles(plated_model), ours)
     assert_same(g_pyro, g_ours)
