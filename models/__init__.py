@@ -14,9 +14,14 @@ from typing import Any
 from .base import StochasticObjective
 from .sbn import SBN
 from .toy import Toy
+from .toy_categorical import ToyCategorical
 from .vae import BernoulliVAE, TrainConfig
 
-_MODELS: dict[str, type[StochasticObjective]] = {"toy": Toy, "sbn": SBN}
+_MODELS: dict[str, type[StochasticObjective]] = {
+    "toy": Toy,
+    "toy_categorical": ToyCategorical,
+    "sbn": SBN,
+}
 
 
 def available() -> list[str]:
@@ -50,6 +55,7 @@ __all__ = [
     "BernoulliVAE",
     "StochasticObjective",
     "Toy",
+    "ToyCategorical",
     "TrainConfig",
     "available",
     "get",
