@@ -16,12 +16,16 @@ Both are chain-ruled into the parameters through ``d phi / d theta``; parameters
 the cost other than through the units get the pathwise gradient of the pair's mean cost with
 the samples held fixed. ``num_samples`` independent pairs are averaged.
 
-Cost: ``2 * num_samples`` model evaluations and one backward pass per draw.
-Bias: unbiased (both) when the logits of every unit do not depend on other stochastic units
-(one stochastic layer, e.g. the toy); the batched core checks this and refuses deeper models.
+Several stochastic sites (layers): site ``i``'s pair is the base run and a run with ``1 - u``
+at site ``i`` only (earlier units as in the base run, later ones with common uniforms), which
+keeps the estimate unbiased when logits depend on earlier units.
+Cost: ``(1 + L) * num_samples`` model evaluations (``L`` sites; 2 per sample for one layer)
+and one backward pass per draw.
+Bias: unbiased (both).
 Requires: Bernoulli sample sites; any cost (no differentiability in the samples needed).
-At a Pyro site: one antithetic re-run per particle (``site_reruns``), same random numbers;
-the re-run's instruction (``offset = 1``: evaluate at ``1 - u``) reaches ``site_value``.
+At a Pyro site: one antithetic re-run per site and particle (``site_reruns``), same random
+numbers; the re-run's instruction (``offset = 1``: evaluate at ``1 - u``) reaches
+``site_value``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from .base import (
     per_draw_params,
     repeat_draws,
     run_model,
+    site_units,
 )
 from .registry import register
 
@@ -74,37 +79,40 @@ class _Antithetic(Estimator):
         self.num_samples = check_positive_int("num_samples", num_samples)
 
     def cost(self, objective: Any) -> Cost:
-        return Cost(evals=2.0 * self.num_samples, backwards=1.0)
+        layers = len(site_units(objective))
+        return Cost(evals=(1.0 + max(1, layers)) * self.num_samples, backwards=1.0)
 
     def _draw(self, objective: Any, draws: int, rng: Rng) -> dict[str, Tensor]:
+        # runs: 0 is the base run (u at every site); run 1 + i uses 1 - u at site i only, so
+        # its pair with the base run is site i's antithetic pair, the units before i as in the
+        # base run and those after it with the same (common) uniforms
         s_n = self.num_samples
+        names = list(site_units(objective))
+        runs = 1 + len(names)
         leaves = per_draw_params(objective.params, draws)
-        batched = repeat_draws(leaves, 2 * s_n)  # row = draw * 2S + (pair side * S + sample)
+        batched = repeat_draws(leaves, runs * s_n)  # row = draw * runs * S + run * S + sample
         drawn: dict[str, Tensor] = {}
 
         def rule(name: str, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             unit = tuple(logits.shape[1:])
             u = rng.uniform((draws, 1, s_n, *unit), logits.dtype)
             drawn[name] = u[:, 0]
-            both = torch.cat([u, 1 - u], dim=1).reshape(logits.shape)
+            flip = torch.zeros(runs, dtype=torch.bool, device=u.device)
+            flip[1 + names.index(name)] = True
+            flip = flip.view(1, runs, 1, *[1] * len(unit))
+            both = torch.where(flip, 1 - u, u).reshape(logits.shape)
             return hard_sample(logits.detach(), both), {}
 
         cost, sites = run_model(objective, batched, rule, self.name)
-        pair = cost.view(draws, 2, s_n)
-        diff = (pair[:, 1] - pair[:, 0]).detach()  # f(b~) - f(b), (draws, S)
-        surrogate = cost.sum() / (2 * s_n)
-        for name, s in sites.items():
-            lg = s.logits.view(draws, 2, s_n, *s.logits.shape[1:])
-            if not torch.equal(lg[:, 0].detach(), lg[:, 1].detach()):
-                raise ValueError(
-                    f"{self.name}: the logits of site {name!r} depend on other stochastic "
-                    "units (they differ between the antithetic runs); the batched core supports "
-                    "one stochastic layer; use the Pyro engine per layer or another estimator"
-                )
+        by_run = cost.view(draws, runs, s_n)
+        surrogate = by_run[:, 0].sum() / s_n  # pathwise part, samples held fixed
+        for i, (name, s) in enumerate(sites.items()):
+            lg = s.logits.view(draws, runs, s_n, *s.logits.shape[1:])[:, 0]
             u = drawn[name]
+            diff = (by_run[:, 1 + i] - by_run[:, 0]).detach()  # f(b~) - f(b) at site i
             d = diff.view(draws, s_n, *[1] * (u.dim() - 2))
-            g = self.weight(lg[:, 0].detach(), u, d)
-            surrogate = surrogate + (lg[:, 0] * g).sum() / s_n
+            g = self.weight(lg.detach(), u, d)
+            surrogate = surrogate + (lg * g).sum() / s_n
         return grads_or_zeros(surrogate, leaves)
 
     # -- at a Pyro site: the base run at u, one re-run at 1 - u --------------------------------
@@ -123,12 +131,14 @@ class _Antithetic(Estimator):
         return SiteValue(hard_sample(logits, u), extra={"u": u})
 
     def site_reruns(self, records: Any, generator: torch.Generator) -> Reruns:
-        return Reruns([{r.name: torch.ones_like(r.logits.detach()) for r in records}])
+        # one re-run per site, antithetic at that site only (see _draw)
+        return Reruns([{r.name: torch.ones_like(r.logits.detach())} for r in records])
 
     def site_term(self, record: Any, costs: SiteCosts) -> Tensor | float:
-        change = costs.changes[0] if costs.changes else None
-        if change is None:
+        moved = [c for c in costs.changes if c is not None]
+        if not moved:
             return 0.0
+        change = moved[0]
         logits = record.logits
         g = self.weight(logits.detach(), record.extra["u"], change)
         return (logits * (g * record.unit_mask()).detach()).sum()
