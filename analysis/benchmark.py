@@ -128,6 +128,46 @@ def ref_exact(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
     return grad.expand(n, d).clone()
 
 
+def ref_arm(phi: Tensor, t: float, n: int, g: torch.Generator, disarm: bool = False) -> Tensor:
+    # one pair per draw; on the toy (b - t)^2 = b (1 - 2t) + t^2, so f(b~) - f(b) is
+    # (1 - 2t) sum_i (b~_i - b_i)
+    u = torch.rand(n, phi.numel(), generator=g)
+    p = torch.sigmoid(phi)
+    b, bt = _bern(phi, u), (1 - u < p).to(phi.dtype)
+    diff = ((1 - 2 * t) * (bt - b).sum(1)).unsqueeze(1)
+    if not disarm:
+        return diff * (u - 0.5)
+    return -0.5 * diff * (1 - 2 * bt) * (b != bt).to(phi.dtype) * torch.sigmoid(phi.abs())
+
+
+def ref_disarm(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    return ref_arm(phi, t, n, g, disarm=True)
+
+
+def ref_gumbel_softmax(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    tau = 0.5
+    u = torch.rand(n, phi.numel(), generator=g)
+    z = torch.sigmoid((phi + torch.log1p(-u) - torch.log(u)) / tau)
+    return 2 * (_bern(phi, u) - t) * z * (1 - z) / tau
+
+
+def ref_reinmax(phi: Tensor, t: float, n: int, g: torch.Generator) -> Tensor:
+    p = torch.sigmoid(phi)
+    b = _bern(phi, torch.rand(n, phi.numel(), generator=g))
+    q = (b + p) / 2  # temperature 1
+    return 2 * (b - t) * (2 * q * (1 - q) - p * (1 - p) / 2)
+
+
+def ref_gumbel_rao(phi: Tensor, t: float, n: int, g: torch.Generator, k: int = 10) -> Tensor:
+    tau = 0.5
+    p = torch.sigmoid(phi)
+    b = _bern(phi, torch.rand(n, phi.numel(), generator=g))
+    raw = torch.rand(k, n, phi.numel(), generator=g)
+    v = torch.where(b > 0, raw * p, p + raw * (1 - p))
+    z = torch.sigmoid((phi + torch.log1p(-v) - torch.log(v)) / tau)
+    return 2 * (b - t) * (z * (1 - z)).mean(0) / tau
+
+
 @dataclass
 class Case:
     label: str
@@ -175,6 +215,11 @@ def default_cases(draws: int = 100_000, dim: int = 200) -> list[Case]:
             dim,
         ),
         Case("exact (toy dim 12)", get("exact"), ref_exact, draws, 12),
+        Case("arm", get("arm"), ref_arm, draws, dim),
+        Case("disarm", get("disarm"), ref_disarm, draws, dim),
+        Case("gumbel_softmax", get("gumbel_softmax"), ref_gumbel_softmax, draws, dim),
+        Case("reinmax", get("reinmax"), ref_reinmax, draws, dim),
+        Case("gumbel_rao", get("gumbel_rao"), ref_gumbel_rao, draws, dim),
     ]
 
 

@@ -17,10 +17,15 @@ and :func:`surrogate_loss` gives a scalar whose ``.backward()`` leaves the estim
 """
 
 from . import (  # noqa: F401  (importing registers the estimators)
+    arm,
+    disarm,
     exact,
     finite_difference,
+    gumbel_rao,
+    gumbel_softmax,
     node_perturbation,
     noisy_rectifier,
+    reinmax,
     score_function,
     spsa,
     straight_through,
