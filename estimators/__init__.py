@@ -21,6 +21,7 @@ from . import (  # noqa: F401  (importing registers the estimators)
     finite_difference,
     node_perturbation,
     noisy_rectifier,
+    rebar,
     score_function,
     spsa,
     straight_through,
