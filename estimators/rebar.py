@@ -122,6 +122,8 @@ class Rebar(Estimator):
     name = "rebar"
     unbiased = "yes"
     description = "REINFORCE + concrete-relaxation control variate, variance-adapted (Tucker 2017)"
+    # Refuses models whose site logits depend on other sites' values (see the module doc).
+    single_layer = True
 
     def __init__(self, temperature: float = 0.5, eta: float = 1.0, adapt: bool = True):
         self.temperature = check_positive_float("temperature", temperature)
