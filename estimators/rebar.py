@@ -33,6 +33,7 @@ independent units; a clear error is raised otherwise). Batched core only: no Pyr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -136,8 +137,9 @@ class Rebar(Estimator):
         self.reset()
 
     def reset(self) -> None:
-        self.log_temperature = torch.tensor(float(torch.log(torch.tensor(self.temperature))))
-        self.eta_value = torch.tensor(self.eta)
+        # float64 state: the constructor's values reach a float64 model unrounded
+        self.log_temperature = torch.tensor(math.log(self.temperature), dtype=torch.float64)
+        self.eta_value = torch.tensor(self.eta, dtype=torch.float64)
 
     def cost(self, objective: Any) -> Cost:
         return Cost(evals=3.0, backwards=1.0)
@@ -153,8 +155,8 @@ class Rebar(Estimator):
             raise ValueError(
                 f"rebar state needs keys ['eta', 'log_temperature'], got {sorted(state)}"
             )
-        self.log_temperature = torch.as_tensor(state["log_temperature"]).clone().float()
-        self.eta_value = torch.as_tensor(state["eta"]).clone().float()
+        self.log_temperature = torch.as_tensor(state["log_temperature"]).clone().double()
+        self.eta_value = torch.as_tensor(state["eta"]).clone().double()
 
     # -- the estimate -------------------------------------------------------------------------
 
@@ -210,8 +212,8 @@ class Rebar(Estimator):
             opt.zero_grad()
             loss.backward()  # type: ignore[union-attr]
             opt.step()
-        self.log_temperature = lt.detach().float()
-        self.eta_value = eta.detach().float()
+        self.log_temperature = lt.detach().double()
+        self.eta_value = eta.detach().double()
 
 
 def _dtype(objective: Any) -> torch.dtype:

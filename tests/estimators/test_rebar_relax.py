@@ -130,3 +130,32 @@ def test_rebar_bad_options_and_layered_model():
         estimators.get("rebar", adapt="yes")
     with pytest.raises(ValueError, match="one stochastic layer"):
         estimators.get("rebar", adapt=False).estimate(SBN(), 4, seed=0)
+
+
+def test_rebar_exact_replay_on_toy():
+    """Fixed temperature and eta: the draws recomputed by hand (closed-form f, f', dz~/da)
+    from the same stream (per chunk: the uniforms u, then v), to 1e-10."""
+    lam, eta, n, chunk, seed = 0.3, 0.7, 50, 20, 20240501
+    obj = toy()
+    got = estimators.get("rebar", adapt=False, temperature=lam, eta=eta).estimate(
+        obj, n, seed=seed, chunk_size=chunk
+    )["logits"]
+    phi, t = obj.params["logits"].detach(), 0.45
+    p = torch.sigmoid(phi)
+    gen = torch.Generator().manual_seed(seed)
+    parts, done = [], 0
+    while done < n:
+        m = min(chunk, n - done)
+        u = torch.rand(m, phi.numel(), generator=gen, dtype=torch.float64)
+        v = torch.rand(m, phi.numel(), generator=gen, dtype=torch.float64)
+        b = (u < p).to(torch.float64)
+        ut = torch.where(b > 0, v * p, p + v * (1 - p))
+        z, zt = phi - torch.logit(u), phi - torch.logit(ut)
+        dzt = torch.where(b > 0, 1 - (1 - p) / (1 - ut), 1 - p / ut)
+        s, st = torch.sigmoid(z / lam), torch.sigmoid(zt / lam)
+        signal = ((b - t) ** 2).sum(1) - eta * ((st - t) ** 2).sum(1)
+        ds = 2 * (s - t) * s * (1 - s) / lam
+        dst = 2 * (st - t) * st * (1 - st) / lam * dzt
+        parts.append(signal.unsqueeze(1) * (b - p) + eta * (ds - dst))
+        done += m
+    torch.testing.assert_close(got, torch.cat(parts), rtol=1e-10, atol=1e-10)
