@@ -168,6 +168,26 @@ def ref_gumbel_rao(phi: Tensor, t: float, n: int, g: torch.Generator, k: int = 1
     return 2 * (b - t) * (z * (1 - z)).mean(0) / tau
 
 
+def ref_rebar(
+    phi: Tensor, t: float, n: int, g: torch.Generator, lam: float = 0.5, eta: float = 1.0
+) -> Tensor:
+    """REBAR at fixed temperature and eta: closed-form f, f' and dz~/da (no autograd)."""
+    d = phi.numel()
+    p = torch.sigmoid(phi)
+    u = torch.rand(n, d, generator=g, dtype=phi.dtype).clamp_min(1e-30)
+    v = torch.rand(n, d, generator=g, dtype=phi.dtype).clamp_min(1e-30)
+    b = (u < p).to(phi.dtype)
+    z = phi + torch.log1p(-u) - torch.log(u)
+    ut = torch.where(b > 0, v * p, p + v * (1 - p))
+    zt = phi + torch.log1p(-ut) - torch.log(ut)
+    dzt = torch.where(b > 0, 1 - (1 - p) / (1 - ut), 1 - p / ut)
+    s, st = torch.sigmoid(z / lam), torch.sigmoid(zt / lam)
+    f_b, f_st = _loss(b, t), _loss(st, t)
+    ds = 2 * (s - t) * s * (1 - s) / lam
+    dst = 2 * (st - t) * st * (1 - st) / lam * dzt
+    return (f_b - eta * f_st).unsqueeze(1) * (b - p) + eta * (ds - dst)
+
+
 @dataclass
 class Case:
     label: str
@@ -204,6 +224,7 @@ def default_cases(draws: int = 100_000, dim: int = 200) -> list[Case]:
         ),
         Case("straight_through", get("straight_through"), ref_straight_through, draws, dim),
         Case("sts", get("sts"), ref_sts, draws, dim),
+        Case("rebar[fixed]", get("rebar", adapt=False), ref_rebar, draws, dim),
         Case("noisy_rectifier", get("noisy_rectifier"), ref_noisy_rectifier, draws, dim),
         Case("spsa", get("spsa"), ref_spsa, draws, dim),
         Case("node_perturbation", get("node_perturbation"), ref_node_perturbation, draws, dim),

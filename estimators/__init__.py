@@ -25,6 +25,7 @@ from . import (  # noqa: F401  (importing registers the estimators)
     gumbel_softmax,
     node_perturbation,
     noisy_rectifier,
+    rebar,
     reinmax,
     score_function,
     spsa,

@@ -24,6 +24,11 @@ dtypes = st.sampled_from([torch.float32, torch.float64])
 NAMES = estimators.available()
 
 
+def single_layer_only(name: str) -> bool:
+    """Estimators that refuse models whose site logits depend on other sites (``sbn``)."""
+    return bool(getattr(estimators.lookup(name), "single_layer", False))
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -161,6 +166,7 @@ def small_objective(kind: str, seed: int, size: int, dtype):
     dtype=dtypes,
 )
 def test_shapes_dtypes_and_finiteness(name, seed, kind, size, draws, chunk, dtype):
+    assume(not (kind == "sbn" and single_layer_only(name)))
     obj = small_objective(kind, seed, size, dtype)
     before = {k: v.detach().clone() for k, v in obj.params.items()}
     est = estimators.get(name)
@@ -181,6 +187,7 @@ def test_shapes_dtypes_and_finiteness(name, seed, kind, size, draws, chunk, dtyp
 @settings(max_examples=10, deadline=None, derandomize=True, database=None)
 @given(seed=seeds, kind=st.sampled_from(["toy", "sbn"]), chunk=st.integers(1, 25))
 def test_same_seed_same_numbers(name, seed, kind, chunk):
+    assume(not (kind == "sbn" and single_layer_only(name)))
     obj = small_objective(kind, seed, 4, torch.float64)
     a = estimators.get(name).estimate(obj, 23, seed=seed, chunk_size=chunk)
     b = estimators.get(name).estimate(obj, 23, seed=seed, chunk_size=chunk)
