@@ -8,7 +8,9 @@ spread is its variance. Analysis code consumes only that shape.
 An *objective* (see :mod:`stochgrad.models`) exposes ``params`` (leaf tensors) and
 ``model(params)``, a Pyro program whose parameters carry a leading batch dimension of draws,
 whose stochastic neurons are ``pyro.sample`` sites with ``Bernoulli`` distributions (possibly
-wrapped in ``Independent``), and which returns the cost of each draw, shape ``(draws,)``.
+wrapped in ``Independent``), or ``Categorical`` ones for estimators that list it in
+``site_distributions`` (:mod:`~stochgrad.estimators.distributions`; their rules are called
+with ``kind=``), and which returns the cost of each draw, shape ``(draws,)``.
 
 How a draw is made: each estimator gives every draw its own copy of the parameters (a leaf of
 shape ``(draws, *param.shape)``), so one backward pass through the summed surrogate yields all
@@ -374,7 +376,9 @@ class SiteInput:
     this run's offset of the logits (a re-run from :meth:`Estimator.site_reruns`), else
     ``None``. ``assigned``: this run's value (a configuration from
     :meth:`Estimator.site_configurations`; zeros in the first, shape-probing run), else
-    ``None``.
+    ``None``. ``kind``: the site's :class:`~stochgrad.estimators.distributions.Kind`; for a
+    ``Categorical`` site ``logits`` has the categories as a last dim, ``probs`` is ``None`` and
+    the uniforms (one per unit) reproduce a given value ``k`` as ``cdf_{k-1} <= u < cdf_k``.
     """
 
     name: str
@@ -384,6 +388,7 @@ class SiteInput:
     uniforms: Callable[[str, torch.Size, torch.dtype], Tensor]
     offset: Tensor | None = None
     assigned: Tensor | None = None
+    kind: Kind = BERNOULLI
 
 
 @dataclass
@@ -658,8 +663,12 @@ class SurrogateEstimator(Estimator):
     def site_value(self, site: SiteInput) -> SiteValue:
         """By default the core's rule, fed the site's (conditional) uniforms."""
         uniforms: Any = site.uniforms  # any callable (name, shape, dtype) -> uniforms
-        value, extra = self.rule(uniforms)(site.name, site.logits)
-        return SiteValue(value, extra=extra)
+        rule: Any = self.rule(uniforms)
+        if site.kind is BERNOULLI:
+            value, extra = rule(site.name, site.logits)
+            return SiteValue(value, extra=extra)
+        value, extra = rule(site.name, site.logits, kind=site.kind)
+        return SiteValue(value, hard=value.detach(), extra=extra)
 
     def _draw(self, objective: Any, draws: int, rng: Rng) -> dict[str, Tensor]:
         leaves = per_draw_params(objective.params, draws)

@@ -31,7 +31,10 @@ Baselines (``baseline=``):
 
 With ``num_samples = K`` every draw averages ``K`` single-sample estimates.
 
-Requires: Bernoulli sample sites.
+Requires: Bernoulli or Categorical sample sites (``Categorical``: ``log q(k) =
+log softmax(a)_k``, ``k`` sampled by inverse CDF from one uniform per unit, in ``estimate()`` and
+at Pyro sites); ``baseline="optimal"`` is per Bernoulli unit (Eq. 10) and refuses Categorical
+units with a ``TypeError``.
 Bias: none for every baseline (the stateful ones are built from earlier draws only).
 Warm-up: every ``estimate`` call starts the stateful baselines (``moving_average``, ``optimal``
 online, ``learned``) from fresh state and updates them over ``warmup_draws`` draws, in chunks of
