@@ -181,9 +181,10 @@ class Site:
     """What a rule saw and did at one ``pyro.sample`` site (batch-first tensors)."""
 
     name: str
-    logits: Tensor  # (batch, *units)
+    logits: Tensor  # (batch, *units), Categorical: (batch, *units, categories)
     value: Tensor  # (batch, *units)
     extra: dict[str, Tensor]
+    kind: Kind = BERNOULLI
 
 
 def bernoulli_logits(name: str, fn: Distribution, estimator: str) -> Tensor:
@@ -264,7 +265,7 @@ class SiteMessenger(Messenger):
         except (ValueError, TypeError) as e:
             raise type(e)(f"at site {name!r}: {e}") from e
         msg["value"] = value
-        self.sites[name] = Site(name, logits, value, extra)
+        self.sites[name] = Site(name, logits, value, extra, kind)
 
 
 def run_model(

@@ -607,6 +607,11 @@ def oracle_optimal_baseline(objective: Any) -> dict[str, Tensor]:
         weights, cost, sites = enumerate_model(objective, grad=False)
     out = {}
     for name, site in sites.items():
+        if site.kind.name != "Bernoulli":
+            raise TypeError(
+                f"baseline='optimal' (Eq. 10, per Bernoulli unit) needs Bernoulli units, but "
+                f"site {name!r} is {site.kind.name}; use another baseline"
+            )
         p = torch.sigmoid(site.logits)
         sq = (site.value - p) ** 2  # (configs, *units)
         w = weights.view(-1, *([1] * (sq.dim() - 1)))

@@ -242,8 +242,10 @@ class SiteRuleMessenger(Messenger):
         assigned: Tensor | None = None
         uniforms: Callable[[str, torch.Size, torch.dtype], Tensor]
         if est.site_enumerates:
-            if run.table is None:
+            if run.table is None and kind is BERNOULLI:
                 assigned = torch.zeros_like(logits.detach())
+            elif run.table is None:
+                assigned = logits.new_zeros(kind.unit_shape(logits))
             elif name not in run.table:
                 raise ValueError(
                     f"site {name!r} (estimator {est.name!r}) did not appear in the first run; "
