@@ -10,9 +10,12 @@ batched core (:func:`stochgrad.estimators.base.run_model`) works with:
 - ``log_prob(logits, value)``: ``log q(value)`` per unit, differentiable in ``logits``.
 
 Supported: ``Bernoulli`` (``h = 1[u < sigmoid(a)]``, exactly as
-:func:`~stochgrad.estimators.base.hard_sample`, so its numbers are unchanged) and
+:func:`~stochgrad.estimators.base.hard_sample`, so its numbers are unchanged),
 ``Categorical`` (``k`` with ``cdf_{k-1} <= u < cdf_k``, ``cdf`` the cumulative sum of
-``softmax(a)``; values are float tensors holding the category index).
+``softmax(a)``; values are float tensors holding the category index) and
+``OneHotCategorical`` (the same ``k``, as a one-hot vector over the last dim; its values and
+logits have the same shape, the categories last). ``index(value)`` gives the category index of
+a value (Categorical, OneHotCategorical).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor
 from torch.distributions import Bernoulli, Categorical, Distribution, Independent
 from torch.nn.functional import log_softmax, softplus
 
-__all__ = ["BERNOULLI", "CATEGORICAL", "KINDS", "Kind", "kind_of", "unwrap"]
+__all__ = ["BERNOULLI", "CATEGORICAL", "KINDS", "ONE_HOT_CATEGORICAL", "Kind", "kind_of", "unwrap"]
 
 
 def unwrap(fn: Distribution) -> Any:
@@ -71,6 +74,10 @@ class Kind:
     def log_prob(self, logits: Tensor, value: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def index(self, value: Tensor) -> Tensor:
+        """The category index of each unit's value (categorical kinds)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<kind {self.name}>"
 
@@ -113,10 +120,34 @@ class _Categorical(Kind):
         index = value.long().unsqueeze(-1)
         return log_softmax(logits, dim=-1).gather(-1, index).squeeze(-1)
 
+    def index(self, value: Tensor) -> Tensor:
+        return value
+
+
+class _OneHotCategorical(_Categorical):
+    name = "OneHotCategorical"
+
+    def matches(self, base: Any) -> bool:
+        return type(base).__name__ == "OneHotCategorical"
+
+    def logits(self, name: str, base: Any, fn: Distribution) -> Tensor:
+        return _check_finite(name, base.logits.expand(fn.batch_shape + fn.event_shape), self.name)
+
+    def sample(self, logits: Tensor, u: Tensor) -> Tensor:
+        k = super().sample(logits, u).long()
+        return torch.nn.functional.one_hot(k, logits.shape[-1]).to(logits.dtype)
+
+    def log_prob(self, logits: Tensor, value: Tensor) -> Tensor:
+        return (log_softmax(logits, dim=-1) * value).sum(-1)
+
+    def index(self, value: Tensor) -> Tensor:
+        return value.argmax(-1)
+
 
 BERNOULLI: Kind = _Bernoulli()
 CATEGORICAL: Kind = _Categorical()
-KINDS: dict[str, Kind] = {k.name: k for k in (BERNOULLI, CATEGORICAL)}
+ONE_HOT_CATEGORICAL: Kind = _OneHotCategorical()
+KINDS: dict[str, Kind] = {k.name: k for k in (BERNOULLI, CATEGORICAL, ONE_HOT_CATEGORICAL)}
 
 
 def kind_of(fn: Distribution) -> tuple[Kind | None, Any]:

@@ -259,7 +259,8 @@ class SiteRuleMessenger(Messenger):
             given_hard = None if given is None else _positive(given, logits.dtype)
             uniforms = _ConditionalUniforms(probs, given_hard)
         else:
-            uniforms = _ConditionalCategoricalUniforms(logits.detach(), given)
+            given_index = None if given is None else kind.index(given.detach())
+            uniforms = _ConditionalCategoricalUniforms(logits.detach(), given_index)
         out = est.site_value(
             SiteInput(name, fn, logits, probs, uniforms, run.perturb.get(name), assigned, kind)
         )

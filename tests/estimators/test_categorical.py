@@ -16,7 +16,7 @@ from scipy.stats import norm
 from stochgrad import models
 from stochgrad.estimators import registry
 from stochgrad.estimators.base import hard_sample, site_units
-from stochgrad.estimators.distributions import BERNOULLI, CATEGORICAL
+from stochgrad.estimators.distributions import BERNOULLI, CATEGORICAL, ONE_HOT_CATEGORICAL
 from stochgrad.estimators.elbo import EstimatorELBO
 
 F64 = torch.float64
@@ -212,3 +212,76 @@ def test_exact_at_a_categorical_pyro_site_equals_trace_enum_elbo():
     loss_o = EstimatorELBO().loss(cat_model(3), cat_guide(3, {"estimator": "exact"}))
     assert loss_o == pytest.approx(loss_p, rel=1e-10)
     pyro.clear_param_store()
+
+
+# ---------------------------------------------------------------------------------------------
+# straight_through at OneHotCategorical units: one-hot forward, softmax backward
+# ---------------------------------------------------------------------------------------------
+
+
+class OneHotLinear:
+    """``sum_i <h_i, c_i>``, ``h_i ~ OneHot(softmax(theta_i))``: a cost linear in ``h``."""
+
+    def __init__(self):
+        self.params = {"logits": torch.tensor(THETA, dtype=F64, requires_grad=True)}
+        self.costs = torch.tensor(
+            [[0.1, 0.7, -0.3, 0.2], [1.0, 0.0, 0.4, -0.6], [0.3] * 4], dtype=F64
+        )
+        self.seen: list[torch.Tensor] = []
+
+    def model(self, params):
+        theta = params["logits"]
+        h = pyro.sample("h", dist.OneHotCategorical(logits=theta).to_event(1))  # (draws, 3, 4)
+        self.seen.append(h.detach())
+        return (h * self.costs).sum((-1, -2))
+
+    def exact_grad(self):
+        p = torch.softmax(self.params["logits"].detach(), -1)
+        return p * (self.costs - (p * self.costs).sum(-1, keepdim=True))
+
+
+def test_one_hot_kind_samples_the_categorical_index():
+    logits = torch.tensor(THETA, dtype=F64)
+    u = torch.tensor([0.05, 0.5, 0.95], dtype=F64)
+    k = CATEGORICAL.sample(logits, u)
+    h = ONE_HOT_CATEGORICAL.sample(logits, u)
+    assert torch.equal(h.argmax(-1).to(F64), k) and torch.equal(h.sum(-1), torch.ones(3, dtype=F64))
+    torch.testing.assert_close(
+        ONE_HOT_CATEGORICAL.log_prob(logits, h), CATEGORICAL.log_prob(logits, k)
+    )
+
+
+@pytest.mark.parametrize("variant", ["identity", "sigmoid"])
+def test_straight_through_one_hot_is_one_hot_forward_softmax_backward(variant):
+    obj = OneHotLinear()
+    g = registry.get("straight_through", variant=variant).estimate(obj, 500, seed=0)["logits"]
+    h = obj.seen[-1]
+    assert set(h.unique().tolist()) == {0.0, 1.0} and torch.equal(
+        h.sum(-1), torch.ones(500, 3, dtype=F64)
+    )
+    # linear cost: softmax backward gives J_softmax^T c = the exact gradient, in every draw
+    torch.testing.assert_close(g, obj.exact_grad().expand_as(g), rtol=1e-12, atol=1e-14)
+
+
+def test_straight_through_at_a_one_hot_pyro_site_is_softmax_backward():
+    from stochgrad.estimators.surrogate import surrogate_loss
+
+    obj = OneHotLinear()
+    theta = obj.params["logits"]
+    seen = []
+
+    def program():
+        with pyro.plate("units", 3):
+            h = pyro.sample(
+                "h", dist.OneHotCategorical(logits=theta), infer={"estimator": "straight_through"}
+            )
+        seen.append(h.detach())
+        return (h * obj.costs).sum()
+
+    pyro.set_rng_seed(0)
+    (g,) = torch.autograd.grad(surrogate_loss(program), theta)
+    h = seen[-1]
+    assert set(h.unique().tolist()) == {0.0, 1.0} and torch.equal(
+        h.sum(-1), torch.ones(3, dtype=F64)
+    )
+    torch.testing.assert_close(g, obj.exact_grad(), rtol=1e-12, atol=1e-14)
