@@ -8,7 +8,9 @@ spread is its variance. Analysis code consumes only that shape.
 An *objective* (see :mod:`stochgrad.models`) exposes ``params`` (leaf tensors) and
 ``model(params)``, a Pyro program whose parameters carry a leading batch dimension of draws,
 whose stochastic neurons are ``pyro.sample`` sites with ``Bernoulli`` distributions (possibly
-wrapped in ``Independent``), and which returns the cost of each draw, shape ``(draws,)``.
+wrapped in ``Independent``), or ``Categorical`` ones for estimators that list it in
+``site_distributions`` (:mod:`~stochgrad.estimators.distributions`; their rules are called
+with ``kind=``), and which returns the cost of each draw, shape ``(draws,)``.
 
 How a draw is made: each estimator gives every draw its own copy of the parameters (a leaf of
 shape ``(draws, *param.shape)``), so one backward pass through the summed surrogate yields all
@@ -92,9 +94,10 @@ from typing import Any, ClassVar
 import torch
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
-from torch.distributions import Bernoulli, Distribution, Independent
+from torch.distributions import Distribution
 
 from . import checks
+from .distributions import BERNOULLI, KINDS, Kind, kind_of
 
 UNBIASED = ("yes", "no", "asymptotic")
 
@@ -178,9 +181,10 @@ class Site:
     """What a rule saw and did at one ``pyro.sample`` site (batch-first tensors)."""
 
     name: str
-    logits: Tensor  # (batch, *units)
+    logits: Tensor  # (batch, *units), Categorical: (batch, *units, categories)
     value: Tensor  # (batch, *units)
     extra: dict[str, Tensor]
+    kind: Kind = BERNOULLI
 
 
 def bernoulli_logits(name: str, fn: Distribution, estimator: str) -> Tensor:
@@ -190,29 +194,44 @@ def bernoulli_logits(name: str, fn: Distribution, estimator: str) -> Tensor:
     (``Independent`` and Pyro's masked/expanded wrappers are looked through), and
     ``ValueError`` when the logits are not finite.
     """
-    base: Any = fn
-    while isinstance(base, Independent) or type(base).__name__ in (
-        "MaskedDistribution",
-        "ExpandedDistribution",
-    ):
-        base = base.base_dist
-    if not isinstance(base, Bernoulli):
+    return site_logits(name, fn, estimator, ("Bernoulli",))[0]
+
+
+def site_logits(
+    name: str, fn: Distribution, estimator: str, distributions: Sequence[str]
+) -> tuple[Tensor, Kind]:
+    """The logits of a site and its :class:`~stochgrad.estimators.distributions.Kind`.
+
+    ``distributions``: the base distribution names ``estimator`` accepts. Raises
+    ``TypeError`` naming the site, its distribution, the estimator and the registered
+    estimators that do accept it when the site's distribution is not among them, and
+    ``ValueError`` when the logits are not finite.
+    """
+    kind, base = kind_of(fn)
+    if kind is None or kind.name not in distributions:
+        got = type(base).__name__
+        needs = " or ".join(distributions)
         raise TypeError(
-            f"estimator {estimator!r} needs Bernoulli sample sites, but site {name!r} has "
+            f"estimator {estimator!r} needs {needs} sample sites, but site {name!r} has "
             f"distribution {type(fn).__name__}"
-            + (f" (of {type(base).__name__})" if base is not fn else "")
-            + "; choose a different estimator for this site or make it Bernoulli"
+            + (f" (of {got})" if base is not fn else "")
+            + "; "
+            + _which_apply(got)
+            + f"choose a different estimator for this site or make it {needs}"
         )
-    logits = base.logits.expand(fn.batch_shape + fn.event_shape)
-    # a finite sum implies finite terms (an inf or nan term makes the sum inf or nan); only
-    # when the sum is not finite (or overflows) are the terms checked one by one
-    if not math.isfinite(float(logits.detach().sum())) and not torch.isfinite(logits).all():
-        bad = int((~torch.isfinite(logits)).sum())
-        raise ValueError(
-            f"site {name!r}: {bad} of {logits.numel()} logits are not finite (nan or inf); "
-            "Bernoulli logits must be finite real numbers"
-        )
-    return logits
+    return kind.logits(name, base, fn), kind
+
+
+def _which_apply(distribution: str) -> str:
+    """'estimators that accept X: a, b; ' from the registry ('' when none or unavailable)."""
+    try:
+        from .registry import _REGISTRY as REGISTRY
+    except ImportError:  # pragma: no cover - the registry imports this module
+        return ""
+    names = sorted(
+        n for n, cls in REGISTRY.items() if distribution in getattr(cls, "site_distributions", ())
+    )
+    return f"estimators that accept {distribution} sites: {', '.join(names)}; " if names else ""
 
 
 Rule = Callable[[str, Tensor], "tuple[Tensor, dict[str, Tensor]]"]
@@ -226,34 +245,45 @@ class SiteMessenger(Messenger):
     ``self.sites`` in program order.
     """
 
-    def __init__(self, rule: Rule, estimator: str):
+    def __init__(self, rule: Rule, estimator: str, distributions: Sequence[str] = ("Bernoulli",)):
         super().__init__()
         self.rule = rule
         self.estimator = estimator
+        self.distributions = tuple(distributions)
         self.sites: dict[str, Site] = {}
 
     def _process_message(self, msg: Any) -> None:
         if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
             return
         name = msg["name"]
-        logits = bernoulli_logits(name, msg["fn"], self.estimator)
+        logits, kind = site_logits(name, msg["fn"], self.estimator, self.distributions)
         try:
-            value, extra = self.rule(name, logits)
+            if kind is BERNOULLI:
+                value, extra = self.rule(name, logits)
+            else:  # rules of estimators that accept other kinds take ``kind=``
+                value, extra = self.rule(name, logits, kind=kind)  # type: ignore[call-arg]
         except (ValueError, TypeError) as e:
             raise type(e)(f"at site {name!r}: {e}") from e
         msg["value"] = value
-        self.sites[name] = Site(name, logits, value, extra)
+        self.sites[name] = Site(name, logits, value, extra, kind)
 
 
 def run_model(
-    objective: Any, params: Mapping[str, Tensor], rule: Rule, estimator: str
+    objective: Any,
+    params: Mapping[str, Tensor],
+    rule: Rule,
+    estimator: str,
+    distributions: Sequence[str] = ("Bernoulli",),
 ) -> tuple[Tensor, dict[str, Site]]:
-    """Run ``objective.model(params)`` with ``rule`` at every Bernoulli site.
+    """Run ``objective.model(params)`` with ``rule`` at every unobserved sample site.
 
+    ``distributions``: the base distributions the sites may have (``"Bernoulli"``,
+    ``"Categorical"``); a site with any other raises ``TypeError``. At a non-Bernoulli site
+    ``rule`` is called as ``rule(name, logits, kind=kind)``.
     Returns the per-evaluation cost, shape ``(batch,)``, and the recorded sites.
     """
     batch = next(iter(params.values())).shape[0]
-    with SiteMessenger(rule, estimator) as handler:
+    with SiteMessenger(rule, estimator, distributions) as handler:
         cost = objective.model(params)
     if not isinstance(cost, Tensor) or cost.shape != (batch,):
         got = tuple(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
@@ -276,21 +306,27 @@ def below(u: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def hard_rule(uniforms: Uniforms) -> Rule:
-    """The plain stochastic binary neuron, no gradient through the sample."""
+    """The plain stochastic neuron (any kind), no gradient through the sample."""
 
-    def rule(name: str, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        u = uniforms(name, logits.shape, logits.dtype)
-        return hard_sample(logits.detach(), u), {"u": u}
+    def rule(name: str, logits: Tensor, kind: Kind = BERNOULLI) -> tuple[Tensor, dict[str, Tensor]]:
+        u = uniforms(name, kind.unit_shape(logits), logits.dtype)
+        return kind.sample(logits.detach(), u), {"u": u}
 
     return rule
 
 
-def site_units(objective: Any) -> dict[str, torch.Size]:
-    """Site name -> unit shape (the value's shape without the draws dimension), in order."""
+def site_units(objective: Any, estimator: Estimator | None = None) -> dict[str, torch.Size]:
+    """Site name -> unit shape (the value's shape without the draws dimension), in order.
+
+    With ``estimator``, a site it does not accept raises its ``TypeError``; without, every
+    supported kind is accepted.
+    """
     params = {k: v.detach().unsqueeze(0) for k, v in objective.params.items()}
     rng = Rng(0, _device_of(objective))
+    name = "probe" if estimator is None else estimator.name
+    kinds = tuple(KINDS) if estimator is None else estimator.core_distributions()
     with torch.no_grad():
-        _, sites = run_model(objective, params, hard_rule(Uniforms(rng)), "probe")
+        _, sites = run_model(objective, params, hard_rule(Uniforms(rng)), name, kinds)
     return {name: s.value.shape[1:] for name, s in sites.items()}
 
 
@@ -341,7 +377,9 @@ class SiteInput:
     this run's offset of the logits (a re-run from :meth:`Estimator.site_reruns`), else
     ``None``. ``assigned``: this run's value (a configuration from
     :meth:`Estimator.site_configurations`; zeros in the first, shape-probing run), else
-    ``None``.
+    ``None``. ``kind``: the site's :class:`~stochgrad.estimators.distributions.Kind`; for a
+    ``Categorical`` site ``logits`` has the categories as a last dim, ``probs`` is ``None`` and
+    the uniforms (one per unit) reproduce a given value ``k`` as ``cdf_{k-1} <= u < cdf_k``.
     """
 
     name: str
@@ -351,6 +389,7 @@ class SiteInput:
     uniforms: Callable[[str, torch.Size, torch.dtype], Tensor]
     offset: Tensor | None = None
     assigned: Tensor | None = None
+    kind: Kind = BERNOULLI
 
 
 @dataclass
@@ -515,6 +554,12 @@ class Estimator:
     # -- behaviour at a Pyro sample site (the engine's hooks; module docstring) ---------------
 
     site_distributions: ClassVar[tuple[str, ...]] = ()
+
+    def core_distributions(self) -> tuple[str, ...]:
+        """The base distributions the batched core accepts: ``site_distributions``'s, or
+        ``("Bernoulli",)`` for an estimator that cannot act at a Pyro site."""
+        return tuple(d for d in self.site_distributions if d in KINDS) or ("Bernoulli",)
+
     site_validates: ClassVar[bool] = True
     site_owns_log_q: ClassVar[bool] = False
     site_enumerates: ClassVar[bool] = False
@@ -587,7 +632,7 @@ class Estimator:
         return out
 
     def default_chunk_size(self, objective: Any) -> int:
-        units = sum(math.prod(s) for s in site_units(objective).values())
+        units = sum(math.prod(s) for s in site_units(objective, self).values())
         numel = sum(v.numel() for v in objective.params.values())
         per_draw = max(1.0, self.cost(objective).evals) * (units + numel)
         return max(1, int(DEFAULT_CHUNK_ELEMENTS // per_draw))
@@ -619,12 +664,17 @@ class SurrogateEstimator(Estimator):
     def site_value(self, site: SiteInput) -> SiteValue:
         """By default the core's rule, fed the site's (conditional) uniforms."""
         uniforms: Any = site.uniforms  # any callable (name, shape, dtype) -> uniforms
-        value, extra = self.rule(uniforms)(site.name, site.logits)
-        return SiteValue(value, extra=extra)
+        rule: Any = self.rule(uniforms)
+        if site.kind is BERNOULLI:
+            value, extra = rule(site.name, site.logits)
+            return SiteValue(value, extra=extra)
+        value, extra = rule(site.name, site.logits, kind=site.kind)
+        return SiteValue(value, hard=value.detach(), extra=extra)
 
     def _draw(self, objective: Any, draws: int, rng: Rng) -> dict[str, Tensor]:
         leaves = per_draw_params(objective.params, draws)
         batched = repeat_draws(leaves, self.num_samples)
-        cost, sites = run_model(objective, batched, self.rule(Uniforms(rng)), self.name)
+        rule = self.rule(Uniforms(rng))
+        cost, sites = run_model(objective, batched, rule, self.name, self.core_distributions())
         surrogate = self.surrogate(cost.view(draws, self.num_samples), sites)
         return grads_or_zeros(surrogate, leaves)

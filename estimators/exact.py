@@ -1,14 +1,17 @@
-"""Exact gradients by enumerating every configuration of the binary units.
+"""Exact gradients by enumerating every configuration of the binary and categorical units.
 
     d/dtheta E[L] = d/dtheta sum_h q_theta(h) L_theta(h)
 
-summed over all ``2^n`` joint configurations of the ``n`` binary units (all sites, all
-units), evaluated as one batch of ``2^n`` model runs; the gradient comes from one backward
-pass. Sites are visited in program order, so later layers see the enumerated values of
-earlier ones and ``q(h)`` is the product of each site's conditional probabilities.
+summed over all joint configurations of the units (all sites, all units): ``2^n`` for ``n``
+binary units, ``prod_u K_u`` when some are Categorical with ``K_u`` categories (mixed-radix
+digits, the first unit fastest), evaluated as one batch of model runs; the gradient comes
+from one backward pass. Sites are visited in program order, so later layers see the
+enumerated values of earlier ones and ``q(h)`` is the product of each site's conditional
+probabilities.
 
-Requires: Bernoulli sample sites whose shapes do not depend on the sampled values; at most
-``max_sites`` binary units in all (``2^max_sites`` configurations).
+Requires: Bernoulli or Categorical sample sites (in ``estimate()`` and at Pyro sites) whose
+shapes do not depend on the sampled values; at most ``2^max_sites`` joint configurations
+(``max_sites`` binary units).
 Bias: none, and no variance: every draw returns the same (exact) gradient.
 """
 
@@ -28,18 +31,60 @@ from .base import (
     Site,
     SiteInput,
     SiteValue,
+    Uniforms,
     grads_or_zeros,
+    hard_rule,
     run_model,
     site_units,
 )
+from .distributions import BERNOULLI, Kind
 from .registry import register
 from .score_function import bernoulli_log_prob
 
 DEFAULT_MAX_SITES = 20
+KINDS_EXACT = ("Bernoulli", "Categorical")
 
 
 def count_units(objective: Any) -> int:
     return sum(math.prod(s) for s in site_units(objective).values())
+
+
+def site_radices(objective: Any) -> dict[str, tuple[torch.Size, int]]:
+    """Site name -> (unit shape, values per unit: 2, or a Categorical site's categories)."""
+    params = {k: v.detach().unsqueeze(0) for k, v in objective.params.items()}
+    rng = Rng(0, next(iter(objective.params.values())).device)
+    with torch.no_grad():
+        _, sites = run_model(objective, params, hard_rule(Uniforms(rng)), "exact", KINDS_EXACT)
+    return {
+        name: (s.value.shape[1:], 2 if s.kind is BERNOULLI else int(s.logits.shape[-1]))
+        for name, s in sites.items()
+    }
+
+
+def digits(configs: int, radices: Sequence[int], device: Any, dtype: torch.dtype) -> Tensor:
+    """Row ``c``: the mixed-radix digits of ``c`` (first unit fastest), ``(configs, units)``."""
+    idx = torch.arange(configs, device=device)
+    place = torch.tensor([math.prod(radices[:j]) for j in range(len(radices))], device=device)
+    radix = torch.tensor(list(radices), device=device)
+    return ((idx.unsqueeze(1) // place) % radix).to(dtype)
+
+
+def _too_many(what: str, radices: Sequence[int], max_sites: int) -> str | None:
+    """The explanatory message when ``prod(radices) > 2^max_sites`` (else ``None``)."""
+    n = len(radices)
+    if all(r == 2 for r in radices):
+        if n <= max_sites:
+            return None
+        return (
+            f"{what} {n} binary units; exact enumeration is limited to "
+            f"max_sites={max_sites} units (2^{max_sites} configurations)."
+        )
+    if sum(math.log2(r) for r in radices) <= max_sites + 1e-9:
+        return None
+    return (
+        f"{what} {n} units with {math.prod(radices)} joint configurations; exact enumeration "
+        f"is limited to 2^max_sites = 2^{max_sites} configurations."
+    )
 
 
 def enumerate_model(
@@ -51,18 +96,18 @@ def enumerate_model(
     configuration ``(2^n,)``, and the recorded sites (values ``(2^n, *units)``). With
     ``grad=True`` both depend differentiably on ``objective.params``.
     """
-    units = site_units(objective)
-    n = sum(math.prod(s) for s in units.values())
-    if n > max_sites:
+    sites_r = site_radices(objective)
+    units = {name: shape for name, (shape, _) in sites_r.items()}
+    radices = [r for shape, r in sites_r.values() for _ in range(math.prod(shape))]
+    msg = _too_many(f"{type(objective).__name__} has", radices, max_sites)
+    if msg is not None:
         raise ValueError(
-            f"{type(objective).__name__} has {n} binary units; exact enumeration is limited to "
-            f"max_sites={max_sites} units (2^{max_sites} configurations). Use a smaller model, "
-            "raise max_sites if memory allows, or the model's closed-form exact_grad()"
+            msg + " Use a smaller model, raise max_sites if memory allows, or the model's "
+            "closed-form exact_grad()"
         )
-    configs = 2**n
+    configs = math.prod(radices)
     first = next(iter(objective.params.values()))
-    idx = torch.arange(configs, device=first.device)
-    bits = ((idx.unsqueeze(1) >> torch.arange(n, device=first.device)) & 1).to(first.dtype)
+    bits = digits(configs, radices, first.device, first.dtype)
     table, start = {}, 0
     for name, shape in units.items():
         k = math.prod(shape)
@@ -73,13 +118,15 @@ def enumerate_model(
         for k, v in objective.params.items()
     }
 
-    def rule(name: str, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def rule(name: str, logits: Tensor, kind: Kind = BERNOULLI) -> tuple[Tensor, dict[str, Tensor]]:
         if name not in table:
             raise ValueError(f"site {name!r} did not appear when the model was probed")
         value = table[name]
-        return value, {"log_prob": bernoulli_log_prob(logits, value)}
+        if kind is BERNOULLI:
+            return value, {"log_prob": bernoulli_log_prob(logits, value)}
+        return value, {"log_prob": kind.log_prob(logits, value)}
 
-    cost, sites = run_model(objective, params, rule, "exact")
+    cost, sites = run_model(objective, params, rule, "exact", KINDS_EXACT)
     if list(sites) != list(units):
         raise ValueError(
             f"the model's sites changed between runs ({list(units)} then {list(sites)}); "
@@ -118,44 +165,61 @@ class Exact(Estimator):
         self.max_sites = max_sites
 
     def cost(self, objective: Any) -> Cost:
-        n = count_units(objective)
-        if n > self.max_sites:
+        radices = [r for shape, r in site_radices(objective).values() for _ in range(shape.numel())]
+        if _too_many("", radices, self.max_sites) is not None:
             enumerate_model(objective, self.max_sites)  # raises the explanatory ValueError
-        return Cost(evals=float(2**n), backwards=1.0)
+        return Cost(evals=float(math.prod(radices)), backwards=1.0)
 
     # -- at a Pyro site: one run per joint configuration of all exact units, weighted by q --
 
-    site_distributions = ("Bernoulli",)
+    site_distributions = KINDS_EXACT
     site_enumerates = True
 
     def site_value(self, site: SiteInput) -> SiteValue:
         assert site.assigned is not None
-        value = site.assigned.to(site.logits.dtype).expand_as(site.logits)
-        return SiteValue(value, hard=value)
+        if site.kind is BERNOULLI:
+            value = site.assigned.to(site.logits.dtype).expand_as(site.logits)
+            return SiteValue(value, hard=value)
+        shape = site.kind.unit_shape(site.logits)
+        value = site.assigned.to(site.logits.dtype).expand(shape)
+        log_prob = site.kind.log_prob(site.logits, value)
+        return SiteValue(value, hard=value, extra={"log_prob": log_prob})
 
     def site_log_weight(self, record: Any) -> Tensor:
         return record.log_q().sum()
 
     def site_configurations(self, records: Sequence[Any]) -> list[dict[str, Tensor]]:
-        """Every joint configuration of the given sites' binary units, as value tables."""
+        """Every joint configuration of the given sites' units (binary or categorical), as
+        value tables."""
         max_sites = min(r.estimator.max_sites for r in records)
-        shapes = {r.name: r.logits.shape for r in records}
-        n = sum(math.prod(s) for s in shapes.values())
-        if n > max_sites:
+        shapes = {r.name: r.hard.shape for r in records}
+        radices = [
+            2 if r.logits.dim() == r.hard.dim() else int(r.logits.shape[-1])
+            for r in records
+            for _ in range(r.hard.numel())
+        ]
+        n = len(radices)
+        if all(x == 2 for x in radices) and n > max_sites:
             raise ValueError(
                 f"sites {sorted(shapes)} (estimator 'exact') hold {n} binary units; "
                 f"enumeration is limited to max_sites={max_sites} (2^{max_sites} runs). Use "
                 "another estimator for some of them or raise max_sites on the Exact object"
             )
+        if _too_many("", radices, max_sites) is not None:
+            raise ValueError(
+                f"sites {sorted(shapes)} (estimator 'exact') have {math.prod(radices)} joint "
+                f"configurations; enumeration is limited to 2^max_sites = 2^{max_sites} runs. "
+                "Use another estimator for some of them or raise max_sites on the Exact object"
+            )
+        configs = math.prod(radices)
         first = records[0].logits
-        idx = torch.arange(2**n, device=first.device)
-        bits = ((idx.unsqueeze(1) >> torch.arange(n, device=first.device)) & 1).to(first.dtype)
-        tables: list[dict[str, Tensor]] = [{} for _ in range(2**n)]
+        bits = digits(configs, radices, first.device, first.dtype)
+        tables: list[dict[str, Tensor]] = [{} for _ in range(configs)]
         start = 0
         for name, shape in shapes.items():
             k = math.prod(shape)
-            block = bits[:, start : start + k].reshape(2**n, *shape)
-            for c in range(2**n):
+            block = bits[:, start : start + k].reshape(configs, *shape)
+            for c in range(configs):
                 tables[c][name] = block[c]
             start += k
         return tables

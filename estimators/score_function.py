@@ -31,7 +31,10 @@ Baselines (``baseline=``):
 
 With ``num_samples = K`` every draw averages ``K`` single-sample estimates.
 
-Requires: Bernoulli sample sites.
+Requires: Bernoulli or Categorical sample sites (``Categorical``: ``log q(k) =
+log softmax(a)_k``, ``k`` sampled by inverse CDF from one uniform per unit, in ``estimate()`` and
+at Pyro sites); ``baseline="optimal"`` is per Bernoulli unit (Eq. 10) and refuses Categorical
+units with a ``TypeError``.
 Bias: none for every baseline (the stateful ones are built from earlier draws only).
 Warm-up: every ``estimate`` call starts the stateful baselines (``moving_average``, ``optimal``
 online, ``learned``) from fresh state and updates them over ``warmup_draws`` draws, in chunks of
@@ -81,6 +84,7 @@ from .base import (
     repeat_draws,
     run_model,
 )
+from .distributions import BERNOULLI, Kind
 from .registry import register
 
 BASELINES = ("none", "moving_average", "optimal", "leave_one_out", "learned")
@@ -155,7 +159,7 @@ class ScoreFunction(SurrogateEstimator):
 
     # -- at a Pyro site: value h, term (L - b) log q(h) per unit, state per site ------------
 
-    site_distributions = ("Bernoulli",)
+    site_distributions = ("Bernoulli", "Categorical")
     site_owns_log_q = True
     site_needs_peers = True
 
@@ -191,10 +195,22 @@ class ScoreFunction(SurrogateEstimator):
     # -- the site rule and the surrogate ---------------------------------------------------------
 
     def rule(self, uniforms: Uniforms) -> Rule:
-        def rule(name: str, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-            u = uniforms(name, logits.shape, logits.dtype)
-            h = hard_sample(logits.detach(), u)
-            return h, {"log_prob": bernoulli_log_prob(logits, h)}
+        def rule(
+            name: str, logits: Tensor, kind: Kind = BERNOULLI
+        ) -> tuple[Tensor, dict[str, Tensor]]:
+            if kind is BERNOULLI:
+                u = uniforms(name, logits.shape, logits.dtype)
+                h = hard_sample(logits.detach(), u)
+                return h, {"log_prob": bernoulli_log_prob(logits, h)}
+            if self.baseline == "optimal":
+                raise TypeError(
+                    f"baseline='optimal' (Eq. 10, per Bernoulli unit) needs Bernoulli units, "
+                    f"but these units are {kind.name}; use baseline='moving_average', "
+                    "'leave_one_out', 'learned' or 'none'"
+                )
+            u = uniforms(name, kind.unit_shape(logits), logits.dtype)
+            h = kind.sample(logits.detach(), u)
+            return h, {"log_prob": kind.log_prob(logits, h)}
 
         return rule
 
@@ -295,7 +311,8 @@ class ScoreFunction(SurrogateEstimator):
         }
         with torch.no_grad():
             batched = repeat_draws(params, self.num_samples)
-            cost, sites = run_model(objective, batched, self.rule(Uniforms(rng)), self.name)
+            rule = self.rule(Uniforms(rng))
+            cost, sites = run_model(objective, batched, rule, self.name, self.core_distributions())
         self.update(cost.view(draws, self.num_samples), sites)
 
     def resolved_warmup_draws(self) -> int:
@@ -590,6 +607,11 @@ def oracle_optimal_baseline(objective: Any) -> dict[str, Tensor]:
         weights, cost, sites = enumerate_model(objective, grad=False)
     out = {}
     for name, site in sites.items():
+        if site.kind.name != "Bernoulli":
+            raise TypeError(
+                f"baseline='optimal' (Eq. 10, per Bernoulli unit) needs Bernoulli units, but "
+                f"site {name!r} is {site.kind.name}; use another baseline"
+            )
         p = torch.sigmoid(site.logits)
         sq = (site.value - p) ** 2  # (configs, *units)
         w = weights.view(-1, *([1] * (sq.dim() - 1)))

@@ -27,7 +27,8 @@ Randomness: uniforms come from torch's global generator (``pyro.set_rng_seed`` c
 them). A site whose value is already given (``poutine.replay``) keeps it: its uniform is drawn
 from the part of (0, 1) consistent with ``h = 1[u < p]``.
 
-Requires: distributions an estimator declares (Bernoulli for the estimators here;
+Requires: distributions an estimator declares (Bernoulli; Categorical for ``score_function``,
+whose replayed values ``k`` get a uniform in ``[cdf_{k-1}, cdf_k)``;
 ``Independent``/masked/expanded wrappers allowed); for re-runs, a program whose sites and
 shapes do not depend on the sampled values. Bias: that of each estimator.
 
@@ -49,7 +50,8 @@ from pyro.poutine.runtime import Message
 from torch import Tensor
 from torch.distributions import Distribution, Independent
 
-from .base import Estimator, Reruns, SiteInput, bernoulli_logits
+from .base import Estimator, Reruns, SiteInput, site_logits
+from .distributions import BERNOULLI
 from .handlers import ESTIMATOR_KEY, annotatable, effective_annotation, resolve_estimator
 from .registry import available, lookup
 from .score_function import bernoulli_log_prob
@@ -169,6 +171,23 @@ class _ConditionalUniforms:
         return torch.where(self.hard.expand(shape) > 0, u * p, p + u * (1 - p))
 
 
+class _ConditionalCategoricalUniforms:
+    """One uniform per Categorical unit; given a value ``k``, drawn in ``[cdf_{k-1}, cdf_k)``."""
+
+    def __init__(self, logits: Tensor, given: Tensor | None):
+        self.logits, self.given = logits, given
+
+    def __call__(self, name: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        u = torch.rand(shape, dtype=dtype, device=self.logits.device)
+        if self.given is None:
+            return u
+        cdf = torch.softmax(self.logits, -1).cumsum(-1).expand(*shape, self.logits.shape[-1])
+        k = self.given.detach().long().expand(shape).unsqueeze(-1)
+        hi = cdf.gather(-1, k).squeeze(-1)
+        lo = torch.where(k.squeeze(-1) > 0, cdf.gather(-1, (k - 1).clamp_min(0)).squeeze(-1), 0.0)
+        return lo + u * (hi - lo)
+
+
 def _positive(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``(x.detach() > 0).to(dtype)``, the comparison written straight into a ``dtype`` tensor."""
     x = x.detach()
@@ -217,14 +236,16 @@ class SiteRuleMessenger(Messenger):
         fn = msg["fn"]
         check_supported(est, name, fn)
         msg["infer"][ESTIMATOR_KEY] = est
-        logits = bernoulli_logits(name, fn, est.name)
+        logits, kind = site_logits(name, fn, est.name, est.site_distributions)
         given = msg["value"]
         probs: Tensor | None = None
         assigned: Tensor | None = None
         uniforms: Callable[[str, torch.Size, torch.dtype], Tensor]
         if est.site_enumerates:
-            if run.table is None:
+            if run.table is None and kind is BERNOULLI:
                 assigned = torch.zeros_like(logits.detach())
+            elif run.table is None:
+                assigned = logits.new_zeros(kind.unit_shape(logits))
             elif name not in run.table:
                 raise ValueError(
                     f"site {name!r} (estimator {est.name!r}) did not appear in the first run; "
@@ -233,12 +254,15 @@ class SiteRuleMessenger(Messenger):
             else:
                 assigned = run.table[name]
             uniforms = _no_uniforms
-        else:
+        elif kind is BERNOULLI:
             probs = torch.sigmoid(logits.detach())
             given_hard = None if given is None else _positive(given, logits.dtype)
             uniforms = _ConditionalUniforms(probs, given_hard)
+        else:
+            given_index = None if given is None else kind.index(given.detach())
+            uniforms = _ConditionalCategoricalUniforms(logits.detach(), given_index)
         out = est.site_value(
-            SiteInput(name, fn, logits, probs, uniforms, run.perturb.get(name), assigned)
+            SiteInput(name, fn, logits, probs, uniforms, run.perturb.get(name), assigned, kind)
         )
         value = out.value
         hard = out.hard if out.hard is not None else _positive(value, logits.dtype)

@@ -105,7 +105,7 @@ def reduce_cost(cost: Tensor, record: SiteRecord) -> Tensor:
     Returns a detached tensor with the site's batch dims (sizes 1 where the cost has none),
     event dims appended as singletons.
     """
-    batch = record.logits.shape[: record.logits.dim() - record.event_dim]
+    batch = record.hard.shape[: record.hard.dim() - record.event_dim]
     out = _sum_to_frames(cost, record.frames)
     for d in range(-out.dim(), 0):
         if out.shape[d] != 1 and (-d > len(batch) or batch[d] not in (1, out.shape[d])):
