@@ -48,10 +48,10 @@ from pyro.infer.tracegraph_elbo import TrackNonReparam
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from torch import Tensor
-from torch.distributions import Distribution, Independent
+from torch.distributions import Distribution
 
 from .base import Estimator, Reruns, SiteInput, site_logits
-from .distributions import BERNOULLI
+from .distributions import BERNOULLI, unwrap
 from .handlers import ESTIMATOR_KEY, annotatable, effective_annotation, resolve_estimator
 from .registry import available, lookup
 from .score_function import bernoulli_log_prob
@@ -61,13 +61,7 @@ BASELINE_INPUT_KEY = "baseline_input"
 
 def base_distribution(fn: Distribution) -> Distribution:
     """``fn`` with ``Independent`` and Pyro's masked/expanded wrappers looked through."""
-    base: Any = fn
-    while isinstance(base, Independent) or type(base).__name__ in (
-        "MaskedDistribution",
-        "ExpandedDistribution",
-    ):
-        base = base.base_dist
-    return base
+    return unwrap(fn)
 
 
 def check_supported(est: Estimator, site: str, fn: Distribution) -> None:
