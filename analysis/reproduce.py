@@ -157,6 +157,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-bench", action="store_true", help="skip the inference benchmark")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--batch-seeds",
+        action="store_true",
+        help="train the seeds of each row together as one batched program (stacked weights, "
+        "batched matrix products): the same numbers and files per seed as one after the "
+        "other, to float rounding; rows with a stateful gate estimator (sbn) stay sequential",
+    )
     ex.add_arguments(p)  # --executor local|ray: each (row, seed) run a Ray task
     p.set_defaults(func=run)
     return p
@@ -219,7 +226,14 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     results, epochs = run_rows(
-        data, rows, seeds, config, out, device=args.device, executor=executor
+        data,
+        rows,
+        seeds,
+        config,
+        out,
+        device=args.device,
+        executor=executor,
+        batch_seeds=getattr(args, "batch_seeds", False),
     )
     bench = None
     if not args.no_bench:
@@ -248,6 +262,8 @@ def _cli_options(args: argparse.Namespace) -> list[str]:
         opts += ["--threads", str(args.threads)]
     if args.smoke:
         opts += ["--smoke"]
+    if getattr(args, "batch_seeds", False):
+        opts += ["--batch-seeds"]
     if getattr(args, "executor", "local") != "local":
         opts += ["--executor", args.executor]
     return opts
@@ -312,6 +328,7 @@ def run_rows(
     out: str | Path,
     device: str = "cpu",
     executor: Any = None,
+    batch_seeds: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train each (row, seed) not already finished in ``out``; return all results and epochs.
 
@@ -323,20 +340,32 @@ def run_rows(
     its record and files come back to this process, which writes them into ``out``. A run that
     fails there is reported, the others finish, and :class:`~stochgrad.analysis.executor.
     CellsFailed` is raised at the end with the finished runs written.
+
+    ``batch_seeds``: the unfinished seeds of a row are trained together, as one batched
+    program (:func:`stochgrad.models.conditional_batched.train_seeds`, the same numbers and
+    files per seed); rows with a stateful gate estimator (the SBN) are still trained one seed
+    after the other. Only with a local executor.
     """
     out = Path(out)
     runs = out / "runs"
     finished: dict[tuple[str, int], dict[str, Any]] = {}
     todo: list[tuple[str, int, dict[str, Any]]] = []
     in_process = executor is None or executor.in_process
+    if batch_seeds and not in_process:
+        raise ValueError("--batch-seeds trains in this process: use it with --executor local")
     for row in rows:
         (runs / row).mkdir(parents=True, exist_ok=True)
+        batch: list[tuple[int, dict[str, Any]]] = []
+        together = in_process and batch_seeds and _batchable(row, config)
         for seed in seeds:
             record_file = runs / row / f"seed{seed}.json"
             key = _run_key(data, config, row, seed)
             record = _load_record(record_file, key)
             if record is not None:
                 print(f"reproduce: {row} seed {seed} already finished, skipped", file=sys.stderr)
+            elif together:
+                batch.append((seed, key))
+                continue
             elif in_process:
                 record = _train_one(data, row, seed, config, device, runs / row, key)
                 atomic_write_text(record_file, json.dumps(record, indent=1))
@@ -344,6 +373,12 @@ def run_rows(
                 todo.append((row, seed, key))
                 continue
             finished[row, seed] = record
+        if batch:
+            for (seed, _), record in zip(
+                batch, _train_batch(data, row, batch, config, device, runs / row)
+            ):
+                atomic_write_text(runs / row / f"seed{seed}.json", json.dumps(record, indent=1))
+                finished[row, seed] = record
     failed: ex.CellsFailed | None = None
     if todo:
         try:
@@ -418,6 +453,15 @@ def _run_remote(
         raise ex.CellsFailed(failures, len(cells))
 
 
+def _batchable(row: str, config: cc.TrainConfig) -> bool:
+    from stochgrad.models.conditional_batched import batchable
+
+    ok = batchable(cc.original_gate(row) if config.original else cc.gate_type(row))
+    if not ok:
+        print(f"reproduce: {row}: stateful gate estimator, seeds one by one", file=sys.stderr)
+    return ok
+
+
 def _load_record(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -454,7 +498,7 @@ def _checkpoint(path: Path, key: dict[str, Any]) -> Path:
     return path
 
 
-def _train_one(
+def _prepare(
     data: Digits,
     row: str,
     seed: int,
@@ -462,7 +506,11 @@ def _train_one(
     device: str,
     folder: Path,
     key: dict[str, Any],
-) -> dict[str, Any]:
+) -> tuple[cc.ConditionalNet, Path, Any]:
+    """The seed's network (seeded), its checkpoint and its per-epoch log writer.
+
+    Torch's global random state afterwards is the one its training starts from.
+    """
     torch.manual_seed(seed)  # initialisation and the pre-gate noise
     gate = cc.original_gate(row) if config.original else cc.gate_type(row)
     net = cc.ConditionalNet(gate, cc.ConditionalConfig(inputs=data.num_features))
@@ -485,6 +533,19 @@ def _train_one(
         line = pd.DataFrame([{"row": row, "seed": seed, **entry}])
         line.to_csv(log_file, mode="a", header=not log_file.exists(), index=False)
 
+    return net, checkpoint, on_epoch
+
+
+def _train_one(
+    data: Digits,
+    row: str,
+    seed: int,
+    config: cc.TrainConfig,
+    device: str,
+    folder: Path,
+    key: dict[str, Any],
+) -> dict[str, Any]:
+    net, checkpoint, on_epoch = _prepare(data, row, seed, config, device, folder, key)
     start = time.perf_counter()
     result = cc.train(
         net,
@@ -494,7 +555,55 @@ def _train_one(
         description=f"{row}/{seed}",
         checkpoint=checkpoint,
     )
+    return _record(result, row, seed, config, device, folder, key, time.perf_counter() - start)
+
+
+def _train_batch(
+    data: Digits,
+    row: str,
+    todo: Sequence[tuple[int, dict[str, Any]]],
+    config: cc.TrainConfig,
+    device: str,
+    folder: Path,
+) -> list[dict[str, Any]]:
+    """The seeds ``todo`` (``(seed, key)``) of one row trained together (``--batch-seeds``):
+    the same numbers and files as :func:`_train_one` for each."""
+    from stochgrad.models.conditional_batched import SeedRun, capture_rng, train_seeds
+
+    runs = []
+    for seed, key in todo:
+        net, checkpoint, on_epoch = _prepare(data, row, seed, config, device, folder, key)
+        runs.append(
+            SeedRun(
+                net,
+                dataclasses.replace(config, seed=seed),
+                capture_rng(device),
+                on_epoch,
+                checkpoint,
+                description=f"{row}/{[s for s, _ in todo]}",
+            )
+        )
+    print(f"reproduce: {row} seeds {[s for s, _ in todo]} trained together", file=sys.stderr)
+    start = time.perf_counter()
+    results = train_seeds(runs, data)
     seconds = time.perf_counter() - start
+    return [
+        _record(result, row, seed, config, device, folder, key, seconds)
+        for result, (seed, key) in zip(results, todo)
+    ]
+
+
+def _record(
+    result: cc.TrainResult,
+    row: str,
+    seed: int,
+    config: cc.TrainConfig,
+    device: str,
+    folder: Path,
+    key: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """Save the selected weights; the run's record."""
     cc.save_atomic(result.state_dict, folder / f"seed{seed}.pt")
     print(
         f"reproduce: {row} seed {seed}: valid {100 * result.valid_error:.2f}% test "
