@@ -18,10 +18,15 @@ step drives ``S`` optimisation steps. What each seed computes is what its own ru
   run per seed through the sequential functions, on a network whose parameters are views of
   the stacked weights, with the seed's random state swapped in.
 
-Only the order of the sums inside the matrix products differs, so the parameters agree with
-the sequential ones to float rounding (tested: ``rtol=1e-5`` in float32 after several steps).
-A seed that stops (early stopping, or a non-finite training cost) leaves the stack and is
-frozen at its last state while the others go on.
+The matrix products are the only place where the two could round differently; the batched
+layer (:class:`_Linear`) is written so that on CPU each seed's slice has the bits of the
+sequential ``nn.Linear`` forward and backward, and with one thread the whole trajectory is
+bit-identical to the sequential one (tested). Elsewhere (more threads, another BLAS, a GPU)
+the guarantee is agreement to float rounding (tested at ``rtol=1e-5`` in float32), and
+trajectories with hard gates can drift apart once a rounding difference flips a gate whose
+uniform lies within rounding of its probability. A seed that stops (early stopping, or a
+non-finite training cost) leaves the stack and is frozen at its last state while the others
+go on.
 
 Checkpoints are the sequential trainer's, one file per seed, in the same format: a batched
 run resumes a sequential checkpoint and a sequential run resumes a batched one.
@@ -306,6 +311,33 @@ def _penalty(controllers: list[cc.SparsityController], stat: Tensor) -> Tensor:
     return -lam * (s * torch.log(p) + (1 - s) * torch.log1p(-p)).sum(-1)
 
 
+class _Linear(torch.autograd.Function):
+    """``x W^T + b`` for every seed at once: ``x (S, B, in)``, ``W (S, out, in)``, ``b (S, out)``.
+
+    Forward ``torch.baddbmm``; backward ``grad W`` as ``bmm(grad^T, x)``. On CPU each seed's
+    slice of these products then has the bits of the sequential ``nn.Linear`` (``addmm``) and
+    its backward, at every layer shape of the network (measured; plain ``baddbmm`` autograd
+    differs in the last bit for the 10-class output layer's weight gradient).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.baddbmm(b.unsqueeze(1), x, w.mT)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        x, w = ctx.saved_tensors
+        grad_x = torch.bmm(grad, w) if ctx.needs_input_grad[0] else None
+        return grad_x, torch.bmm(grad.mT, x), grad.sum(1)
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    out = _Linear.apply(x, w, b)
+    assert isinstance(out, Tensor)
+    return out
+
+
 def _forward(
     stack: _Stack, xb: Tensor, yb: Tensor, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -319,11 +351,9 @@ def _forward(
     S, B = xb.shape[0], xb.shape[1]
     net0 = stack.seeds[0].run.net
     units = p["gater_out.weight"].shape[1]
-    hidden = torch.tanh(
-        torch.baddbmm(p["gater_hidden.bias"].unsqueeze(1), xb, p["gater_hidden.weight"].mT)
-    )
-    a = torch.baddbmm(p["gater_out.bias"].unsqueeze(1), hidden, p["gater_out.weight"].mT)
-    h = torch.baddbmm(p["experts.bias"].unsqueeze(1), xb, p["experts.weight"].mT)
+    hidden = torch.tanh(_linear(xb, p["gater_hidden.weight"], p["gater_hidden.bias"]))
+    a = _linear(hidden, p["gater_out.weight"], p["gater_out.bias"])
+    h = _linear(xb, p["experts.weight"], p["experts.bias"])
     draws_u = _draws_uniforms(net0.estimator)
     noise: Any = net0._noise  # the same distribution object the sequential program samples
     noises, uniforms = [], []
@@ -345,7 +375,7 @@ def _forward(
         raise ValueError(f"gate logits of seed(s) {bad} are not finite (training diverged)")
     u = torch.stack(uniforms) if uniforms else None
     g = _gate_value(net0.estimator, a, u)  # (S, B, gates)
-    logits = torch.baddbmm(p["output.bias"].unsqueeze(1), g * h, p["output.weight"].mT)
+    logits = _linear(g * h, p["output.weight"], p["output.bias"])
     nll = nn.functional.cross_entropy(
         logits.reshape(S * B, -1), yb.reshape(-1), reduction="none"
     ).reshape(S, B)

@@ -271,3 +271,40 @@ def test_global_random_state_is_left_alone():
     before = capture_rng()["cpu"]
     train_seeds([SeedRun.build("straight_through", 0, config, NET)], data)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("row", ["straight_through", "sts", "baseline_rectifier"])
+def test_one_thread_cpu_trajectory_is_bit_identical(row, tmp_path):
+    """On one CPU thread the batched layers round as nn.Linear does: every weight, momentum
+    buffer and log entry is the sequential one exactly (S=3, two epochs of three steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = _digits(n_train=96)
+        net = cc.ConditionalConfig(inputs=64, gater_hidden=50, gates=300)
+        config = cc.for_protocol("original", epochs=2, batch_size=32, progress=False)
+        gate, seeds = _gate(row, config), [0, 1, 2]
+        runs = [
+            SeedRun.build(gate, s, config, net, checkpoint=tmp_path / f"b{s}.ckpt") for s in seeds
+        ]
+        batched = train_seeds(runs, data)
+        for s, b in zip(seeds, batched):
+            r = SeedRun.build(gate, s, config, net)
+            torch.set_rng_state(r.rng["cpu"])  # type: ignore[arg-type]
+            a = cc.train(r.net, data, r.config, checkpoint=tmp_path / f"s{s}.ckpt")
+            drop = ("seconds",)
+            assert [{k: v for k, v in h.items() if k not in drop} for h in b.history] == [
+                {k: v for k, v in h.items() if k not in drop} for h in a.history
+            ]
+            ca = torch.load(tmp_path / f"s{s}.ckpt", weights_only=False)
+            cb = torch.load(tmp_path / f"b{s}.ckpt", weights_only=False)
+            for k, v in ca["net"].items():
+                assert torch.equal(cb["net"][k], v), k
+            for i, st in ca["opt"]["state"].items():
+                assert torch.equal(cb["opt"]["state"][i]["momentum_buffer"], st["momentum_buffer"])
+            assert (b.test_error, b.test_error_stochastic) == (
+                a.test_error,
+                a.test_error_stochastic,
+            )
+    finally:
+        torch.set_num_threads(threads)
