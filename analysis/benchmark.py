@@ -188,6 +188,51 @@ def ref_rebar(
     return (f_b - eta * f_st).unsqueeze(1) * (b - p) + eta * (ds - dst)
 
 
+def ref_relax(
+    est: estimators.Estimator, phi: Tensor, t: float, n: int, g: torch.Generator
+) -> Tensor:
+    """RELAX at ``est``'s trained state (``lambda``, ``eta``, a one-hidden-layer network):
+    closed-form f, f', dz~/da and the network's input gradient, no autograd; chunks of about
+    32k elements per array, in place where the values are not needed again."""
+    state = est.state_dict()
+    lam, eta = float(state["log_temperature"].exp()), float(state["eta"])
+    w1, c1, w2, c2 = (w.to(phi.dtype) for w in state["net"])
+    w2v, w1t = w2[:, 0].contiguous(), w1.T.contiguous()
+    d = phi.numel()
+    p = torch.sigmoid(phi)
+    q = 1 - p
+    out = torch.empty(n, d, dtype=phi.dtype)
+    rows = max(1, 2**15 // d)
+
+    def network(x: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.addmm(c1, x, w1).tanh_()  # (m, hidden)
+        r = torch.mv(h, w2v).add_(c2)
+        dr = torch.mm(h.square_().neg_().add_(1).mul_(w2v), w1t)  # dr/dx, (m, d)
+        return r, dr
+
+    for start in range(0, n, rows):
+        m = min(rows, n - start)
+        u = torch.rand(m, d, generator=g, dtype=phi.dtype).clamp_min_(1e-30)
+        v = torch.rand(m, d, generator=g, dtype=phi.dtype).clamp_min_(1e-30)
+        on = u < p
+        b = on.to(phi.dtype)
+        ut = torch.where(on, v * p, torch.addcmul(p, v, q))
+        dzt = torch.where(on, 1 - q / (1 - ut), 1 - p / ut)
+        s = torch.log1p(-u).sub_(u.log_()).add_(phi).div_(lam).sigmoid_()
+        st = torch.log1p(-ut).sub_(ut.log_()).add_(phi).div_(lam).sigmoid_()
+        r_st, dr_st = network(st)
+        _, dr_s = network(s)
+        f_b = (b - t).square_().sum(1)
+        signal = f_b.sub_((st - t).square_().sum(1), alpha=eta).sub_(r_st)
+        ds = s * (1 - s) / lam
+        dst = (st * (1 - st) / lam).mul_(dzt)
+        o = out[start : start + m]
+        torch.mul(b.sub_(p), signal.unsqueeze(1), out=o)
+        o.addcmul_(ds, s.sub_(t).mul_(2 * eta).add_(dr_s))
+        o.addcmul_(dst, st.sub_(t).mul_(2 * eta).add_(dr_st), value=-1)
+    return out
+
+
 @dataclass
 class Case:
     label: str
@@ -199,6 +244,7 @@ class Case:
 
 def default_cases(draws: int = 100_000, dim: int = 200) -> list[Case]:
     get = estimators.get
+    relax = get("relax")  # the reference reads its trained state
     return [
         Case("score_function", get("score_function"), ref_score_function, draws, dim),
         Case(
@@ -241,6 +287,7 @@ def default_cases(draws: int = 100_000, dim: int = 200) -> list[Case]:
         Case("gumbel_softmax", get("gumbel_softmax"), ref_gumbel_softmax, draws, dim),
         Case("reinmax", get("reinmax"), ref_reinmax, draws, dim),
         Case("gumbel_rao", get("gumbel_rao"), ref_gumbel_rao, draws, dim),
+        Case("relax", relax, partial(ref_relax, relax), draws, dim),
     ]
 
 

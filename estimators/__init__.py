@@ -27,6 +27,7 @@ from . import (  # noqa: F401  (importing registers the estimators)
     noisy_rectifier,
     rebar,
     reinmax,
+    relax,
     score_function,
     spsa,
     straight_through,

@@ -564,13 +564,16 @@ def make_model(kind):
     return models.get("sbn", dtype=torch.float64)
 
 
-# Estimators that refuse the stochastic binary network (single stochastic layer only) are
-# replayed on the toy in their own test module.
-REPLAYED_ON_THE_TOY_ONLY = {"rebar": "tests/estimators/test_rebar_relax.py"}
+# Estimators with a trained state (and several runs per draw) are replayed, on the toy and on
+# the stochastic binary network, in their own test module.
+REPLAYED_IN_OWN_MODULE = {
+    "rebar": "tests/estimators/test_rebar_relax.py",
+    "relax": "tests/estimators/test_rebar_relax.py",
+}
 
 
 def test_every_registered_estimator_has_a_replay():
-    covered = {name for name, _, _ in CASES + TOY_ONLY_CASES} | set(REPLAYED_ON_THE_TOY_ONLY)
+    covered = {name for name, _, _ in CASES + TOY_ONLY_CASES} | set(REPLAYED_IN_OWN_MODULE)
     missing = sorted(set(estimators.available()) - covered)
     assert not missing, f"estimators without an exact replay test: {missing}"
 
