@@ -781,7 +781,7 @@ def run_compare(
             bar.update(num_draws - int(cell.summary["draws"].iloc[0]))
             frames[key] = cell.summary
             if results is not None:
-                results.append(key, cell.summary, cell.coords, plan=plan)
+                results.append(key, cell.summary, cell.coords)
     wall = time.perf_counter() - t_start
     if results is not None:
         table = results.rebuild(plan)
@@ -962,7 +962,7 @@ def run_sweep(
             coords = cell.coords.assign(sweep_param=param, sweep_value=v)
             frames[key] = summary
             if results is not None:
-                results.append(key, summary, coords, plan=plan)
+                results.append(key, summary, coords)
             if cell_hook is not None:
                 cell_hook(key)
     wall = time.perf_counter() - t_start
@@ -1153,7 +1153,7 @@ def run_train(
                 continue
             frames[key] = curve
             if results is not None:
-                results.append(key, curve, None, plan=plan)
+                results.append(key, curve, None)
     if results is not None:
         table = results.rebuild(plan)
         results.finish(skipped=skipped)

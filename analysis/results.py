@@ -313,20 +313,19 @@ class ResultsDir:
         key: str,
         summary: pd.DataFrame,
         coords: pd.DataFrame | None = None,
-        *,
-        plan: list[str] | None = None,
     ) -> None:
-        """Record one finished cell atomically, then rebuild the combined tables.
+        """Record one finished cell atomically, in O(1): only the cell's own files are written.
 
         The per-coordinate file is written first and the summary file last: a cell counts as
-        finished exactly when its summary file exists.
+        finished exactly when its summary file exists. The combined tables (summary.csv,
+        per_coordinate.csv) are rebuilt by :meth:`rebuild`, which a run calls once at its end;
+        an interrupted run's tables are rebuilt when the same command resumes it.
         """
         stem = self._cell_stem(key)
         cells = self.path / CELLS_DIR
         if coords is not None:
             atomic_write_csv(cells / f"{stem}.coords.csv", coords.assign(**{CELL_COLUMN: key}))
         atomic_write_csv(cells / f"{stem}.summary.csv", summary.assign(**{CELL_COLUMN: key}))
-        self.rebuild(plan)
 
     def _read_cells(self, suffix: str) -> list[pd.DataFrame]:
         files = sorted((self.path / CELLS_DIR).glob(f"*.{suffix}.csv"))

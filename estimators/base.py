@@ -617,18 +617,31 @@ class Estimator:
             chunk_size = self.default_chunk_size(objective)
         check_positive_int("chunk_size", chunk_size)
         self.warmup(objective, rng)
-        parts: dict[str, list[Tensor]] = {k: [] for k in objective.params}
+        # The output is allocated once and each chunk is copied into it, so that the peak
+        # memory is the output plus one chunk's working set (never a list of chunks plus their
+        # concatenation).
+        out: dict[str, Tensor] = {}
+        finite = checks.FiniteDraws()
         done = 0
         while done < num_draws:
             n = min(chunk_size, num_draws - done)
             g = self._draw(objective, n, rng)
-            for k in parts:
-                parts[k].append(g[k].detach())
+            finite.add(g)
+            if n == num_draws:  # one chunk: its tensors are the output
+                out = {k: g[k].detach() for k in objective.params}
+            else:
+                for k in objective.params:
+                    if k not in out:
+                        v = g[k]
+                        out[k] = torch.empty(
+                            (num_draws, *v.shape[1:]), dtype=v.dtype, device=v.device
+                        )
+                    out[k][done : done + n].copy_(g[k].detach())
+            del g
             done += n
             if progress is not None:
                 progress(n)
-        out = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
-        checks.check_finite_draws(self, objective, out)
+        finite.check(self, objective)
         return out
 
     def default_chunk_size(self, objective: Any) -> int:

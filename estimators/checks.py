@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteDrawsError", "check_draw_budget", "check_finite_draws", "memory_limit_bytes"]
+__all__ = [
+    "FiniteDraws",
+    "NonFiniteDrawsError",
+    "check_draw_budget",
+    "check_finite_draws",
+    "memory_limit_bytes",
+]
 
 _FALLBACK_LIMIT = 8 << 30  # bytes, where the host's memory cannot be read
 
@@ -59,21 +65,46 @@ def check_draw_budget(estimator: Any, objective: Any, num_draws: int) -> None:
         )
 
 
+class FiniteDraws:
+    """Counts the non-finite draws of a stream of chunks (each ``{param: (draws, ...)}``).
+
+    Checking chunk by chunk keeps the check's memory at a chunk's size: ``torch.isfinite``
+    on a whole output would allocate a temporary as large as the output itself.
+    """
+
+    def __init__(self) -> None:
+        self.bad = 0
+        self.total = 0
+        self.names: list[str] = []
+
+    def add(self, draws: Mapping[str, Tensor]) -> None:
+        bad: Tensor | None = None
+        rows = 0
+        for k, v in draws.items():
+            r = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)  # (draws,)
+            if bool(r.any()) and k not in self.names:
+                self.names.append(k)
+            bad = r if bad is None else bad | r
+            rows = v.shape[0]
+        self.total += rows
+        if bad is not None:
+            self.bad += int(bad.sum())
+
+    def check(self, estimator: Any, objective: Any) -> None:
+        """Raise :class:`NonFiniteDrawsError` when any draw added so far is ``nan``/``inf``."""
+        if not self.bad:
+            return
+        n_bad, total = self.bad, self.total
+        raise NonFiniteDrawsError(
+            f"{getattr(estimator, 'name', type(estimator).__name__)} on {objective!r}: {n_bad} of "
+            f"{total} draws ({n_bad / total:.1%}) have non-finite (nan or inf) gradients in "
+            f"{self.names}; the model's cost is not finite for some samples (or overflows). Make "
+            "the cost finite for every sample, e.g. clamp logs and divisions"
+        )
+
+
 def check_finite_draws(estimator: Any, objective: Any, draws: Mapping[str, Tensor]) -> None:
     """Raise :class:`NonFiniteDrawsError` when any draw of any parameter is ``nan``/``inf``."""
-    bad: Tensor | None = None
-    total = 0
-    for v in draws.values():
-        rows = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)  # (draws,)
-        bad = rows if bad is None else bad | rows
-        total = v.shape[0]
-    if bad is None or not bool(bad.any()):
-        return
-    n_bad = int(bad.sum())
-    names = [k for k, v in draws.items() if not bool(torch.isfinite(v).all())]
-    raise NonFiniteDrawsError(
-        f"{getattr(estimator, 'name', type(estimator).__name__)} on {objective!r}: {n_bad} of "
-        f"{total} draws ({n_bad / total:.1%}) have non-finite (nan or inf) gradients in "
-        f"{names}; the model's cost is not finite for some samples (or overflows). Make the "
-        "cost finite for every sample, e.g. clamp logs and divisions"
-    )
+    counter = FiniteDraws()
+    counter.add(draws)
+    counter.check(estimator, objective)

@@ -9,9 +9,17 @@ from one backward pass. Sites are visited in program order, so later layers see 
 enumerated values of earlier ones and ``q(h)`` is the product of each site's conditional
 probabilities.
 
+When the objective declares independent examples (``examples`` and ``example_costs``, see
+:func:`example_count`; the ``sbn`` does), one example's units are enumerated, for all examples
+at once: ``B * 2^(n/B)`` terms instead of ``2^n``. Configurations are evaluated in chunks of
+bounded memory, each with its own copy of the parameters, and the terms are summed in float64.
+
+Accuracy: in float32 the result is within ~1e-6 of a float64 computation, relative to the
+largest gradient component (tested against a float64 brute force up to 20 units).
+
 Requires: Bernoulli or Categorical sample sites (in ``estimate()`` and at Pyro sites) whose
-shapes do not depend on the sampled values; at most ``2^max_sites`` joint configurations
-(``max_sites`` binary units).
+shapes do not depend on the sampled values; at most ``2^max_sites`` configurations
+(``max_sites`` binary units) enumerated jointly: per example when examples are declared.
 Bias: none, and no variance: every draw returns the same (exact) gradient.
 """
 
@@ -30,6 +38,7 @@ from .base import (
     Rng,
     Site,
     SiteInput,
+    SiteMessenger,
     SiteValue,
     Uniforms,
     grads_or_zeros,
@@ -61,9 +70,12 @@ def site_radices(objective: Any) -> dict[str, tuple[torch.Size, int]]:
     }
 
 
-def digits(configs: int, radices: Sequence[int], device: Any, dtype: torch.dtype) -> Tensor:
-    """Row ``c``: the mixed-radix digits of ``c`` (first unit fastest), ``(configs, units)``."""
-    idx = torch.arange(configs, device=device)
+def digits(
+    configs: int, radices: Sequence[int], device: Any, dtype: torch.dtype, start: int = 0
+) -> Tensor:
+    """Row ``c - start``: the mixed-radix digits of ``c`` (first unit fastest), for
+    ``c = start .. configs - 1``: ``(configs - start, units)``."""
+    idx = torch.arange(start, configs, device=device)
     place = torch.tensor([math.prod(radices[:j]) for j in range(len(radices))], device=device)
     radix = torch.tensor(list(radices), device=device)
     return ((idx.unsqueeze(1) // place) % radix).to(dtype)
@@ -137,18 +149,150 @@ def enumerate_model(
     return log_w.exp(), cost, sites
 
 
+# Configurations evaluated together: about this many elements per chunk (parameters expanded per
+# configuration, plus the units), so that enumeration runs in bounded memory however many
+# configurations there are.
+ENUM_CHUNK_ELEMENTS = 2**21
+
+
+def example_count(objective: Any) -> int | None:
+    """The objective's number of independent examples, when it declares them (else None).
+
+    An objective declares ``examples = B`` and ``example_costs(params) -> (draws, B)`` when
+    every site's unit shape starts with an example axis of size ``B``, example ``b``'s units
+    depend only on example ``b`` (its inputs and its earlier units), and the cost is the sum of
+    the per-example costs. Enumeration then runs over one example's units, for all examples at
+    once: ``B * 2^(n/B)`` terms instead of ``2^n``.
+    """
+    b = getattr(objective, "examples", None)
+    if b is None:
+        return None
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise ValueError(f"{type(objective).__name__}.examples must be a positive int, got {b!r}")
+    return b
+
+
+def enumeration_plan(objective: Any, max_sites: int = DEFAULT_MAX_SITES) -> dict[str, Any]:
+    """What :func:`enumerate_grad` enumerates: ``radices`` (one per enumerated unit),
+    ``units`` (site -> the enumerated unit shape), ``examples`` (``None``: the joint)."""
+    sites_r = site_radices(objective)
+    examples = example_count(objective)
+    units = {name: shape for name, (shape, _) in sites_r.items()}
+    if examples is not None:
+        bad = [n for n, shape in units.items() if len(shape) < 1 or shape[0] != examples]
+        if bad:
+            raise ValueError(
+                f"{type(objective).__name__} declares {examples} independent examples, but the "
+                f"unit shapes of {bad} do not start with an example axis of that size"
+            )
+        units = {name: shape[1:] for name, shape in units.items()}
+    radices = [r for name, (_, r) in sites_r.items() for _ in range(math.prod(units[name]))]
+    what = f"{type(objective).__name__} has" + (" per example" if examples else "")
+    msg = _too_many(what, radices, max_sites)
+    if msg is not None:
+        raise ValueError(
+            msg + " Use a smaller model, raise max_sites if memory allows, or the model's "
+            "closed-form exact_grad()"
+        )
+    return {"radices": radices, "units": units, "examples": examples}
+
+
+def _enumerate_chunk(
+    objective: Any, plan: dict[str, Any], leaves: dict[str, Tensor], lo: int, hi: int
+) -> tuple[Tensor, Tensor]:
+    """``q`` and the cost of configurations ``lo..hi-1``: ``(n,)`` each for the joint, or
+    ``(n, B)`` per example."""
+    n, radices, examples = hi - lo, plan["radices"], plan["examples"]
+    first = next(iter(leaves.values()))
+    bits = digits(hi, radices, first.device, first.dtype, start=lo)
+    table, start = {}, 0
+    for name, shape in plan["units"].items():
+        k = math.prod(shape)
+        block = bits[:, start : start + k].reshape(n, *shape)
+        if examples is not None:  # the same configuration for every example
+            block = block.unsqueeze(1).expand(n, examples, *shape)
+        table[name] = block
+        start += k
+
+    def rule(name: str, logits: Tensor, kind: Kind = BERNOULLI) -> tuple[Tensor, dict[str, Tensor]]:
+        if name not in table:
+            raise ValueError(f"site {name!r} did not appear when the model was probed")
+        value = table[name]
+        if kind is BERNOULLI:
+            return value, {"log_prob": bernoulli_log_prob(logits, value)}
+        return value, {"log_prob": kind.log_prob(logits, value)}
+
+    with SiteMessenger(rule, "exact", KINDS_EXACT) as handler:
+        if examples is None:
+            cost = objective.model(leaves)
+            want: tuple[int, ...] = (n,)
+        else:
+            cost = objective.example_costs(leaves)
+            want = (n, examples)
+    if not isinstance(cost, Tensor) or tuple(cost.shape) != want:
+        got = tuple(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
+        fn = "model" if examples is None else "example_costs"
+        raise ValueError(f"{type(objective).__name__}.{fn} must return shape {want}; got {got}")
+    sites = handler.sites
+    if list(sites) != list(plan["units"]):
+        raise ValueError(
+            f"the model's sites changed between runs ({list(plan['units'])} then {list(sites)}); "
+            "exact enumeration needs a fixed set of sites"
+        )
+    log_w = sum(s.extra["log_prob"].reshape(*want, -1).sum(-1) for s in sites.values())
+    assert isinstance(log_w, Tensor)
+    return log_w.exp(), cost
+
+
+def _enumerate(
+    objective: Any, max_sites: int, grad: bool
+) -> tuple[dict[str, Tensor] | None, Tensor]:
+    """Exact ``(d E[L] / d params, E[L])``, accumulated in float64 over chunks of configurations.
+
+    Each chunk of configurations has its own parameter leaves: within a chunk the gradient
+    terms are summed by autograd (torch's pairwise sums, in the parameters' dtype), and the
+    chunks' sums are accumulated in float64, so the error does not grow with the number of
+    configurations, and the memory is one chunk's.
+    """
+    plan = enumeration_plan(objective, max_sites)
+    configs = math.prod(plan["radices"])
+    params = objective.params
+    per_config = sum(v.numel() for v in params.values()) + len(plan["radices"]) * (
+        plan["examples"] or 1
+    )
+    chunk = max(1, ENUM_CHUNK_ELEMENTS // max(1, per_config))
+    grads = {
+        k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in params.items()
+    }
+    total = torch.zeros((), dtype=torch.float64, device=next(iter(params.values())).device)
+    for lo in range(0, configs, chunk):
+        hi = min(configs, lo + chunk)
+        with torch.set_grad_enabled(grad):
+            chunk_leaves = {k: v.detach().requires_grad_(grad) for k, v in params.items()}
+            leaves = {k: v.unsqueeze(0).expand(hi - lo, *v.shape) for k, v in chunk_leaves.items()}
+            w, cost = _enumerate_chunk(objective, plan, leaves, lo, hi)
+            terms = w * cost
+            total += terms.double().sum()
+            if grad:
+                for k, g in grads_or_zeros(terms.sum(), chunk_leaves).items():
+                    grads[k] += g.double()
+    if not grad:
+        return None, total
+    return {k: g.to(params[k].dtype) for k, g in grads.items()}, total
+
+
 def enumerate_grad(objective: Any, max_sites: int = DEFAULT_MAX_SITES) -> dict[str, Tensor]:
-    """Exact ``d E[L] / d params`` by enumeration."""
-    weights, cost, _ = enumerate_model(objective, max_sites)
-    expected = (weights * cost).sum()
-    return {k: g.detach() for k, g in grads_or_zeros(expected, objective.params).items()}
+    """Exact ``d E[L] / d params`` by enumeration (per example when the objective declares
+    independent examples; see :func:`example_count`)."""
+    g, _ = _enumerate(objective, max_sites, grad=True)
+    assert g is not None
+    return g
 
 
 def enumerate_expectation(objective: Any, max_sites: int = DEFAULT_MAX_SITES) -> Tensor:
-    """Exact ``E[L]`` by enumeration."""
-    with torch.no_grad():
-        weights, cost, _ = enumerate_model(objective, max_sites, grad=False)
-    return (weights * cost).sum()
+    """Exact ``E[L]`` by enumeration, in the parameters' dtype."""
+    _, total = _enumerate(objective, max_sites, grad=False)
+    return total.to(next(iter(objective.params.values())).dtype)
 
 
 @register
@@ -165,10 +309,8 @@ class Exact(Estimator):
         self.max_sites = max_sites
 
     def cost(self, objective: Any) -> Cost:
-        radices = [r for shape, r in site_radices(objective).values() for _ in range(shape.numel())]
-        if _too_many("", radices, self.max_sites) is not None:
-            enumerate_model(objective, self.max_sites)  # raises the explanatory ValueError
-        return Cost(evals=float(math.prod(radices)), backwards=1.0)
+        plan = enumeration_plan(objective, self.max_sites)  # raises the explanatory ValueError
+        return Cost(evals=float(math.prod(plan["radices"])), backwards=1.0)
 
     # -- at a Pyro site: one run per joint configuration of all exact units, weighted by q --
 

@@ -77,11 +77,21 @@ class SBN(StochasticObjective):
             "seed": self.seed,
         }
 
+    @property
+    def examples(self) -> int:
+        """The batch's examples are independent (exact enumeration runs per example)."""
+        return self.batch
+
     def model(self, params: Mapping[str, Tensor]) -> Tensor:
+        return self.example_costs(params).sum(-1)
+
+    def example_costs(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Per-example squared error, ``(draws, batch)``; example ``b``'s units depend only on
+        its own input, so the cost is a sum of independent per-example terms."""
         # Every parameter arrives as (draws, *shape); matmul broadcasts over the leading dims.
         a1 = self.x @ params["W1"] + params["b1"].unsqueeze(-2)  # (draws, batch, H1)
         h1 = pyro.sample("h1", dist.Bernoulli(logits=a1).to_event(2))
         a2 = h1 @ params["W2"] + params["b2"].unsqueeze(-2)  # (draws, batch, H2)
         h2 = pyro.sample("h2", dist.Bernoulli(logits=a2).to_event(2))
         y_hat = h2 @ params["W3"] + params["b3"].unsqueeze(-2)  # (draws, batch, out)
-        return ((y_hat - self.y) ** 2).sum((-1, -2))
+        return ((y_hat - self.y) ** 2).sum(-1)

@@ -16,11 +16,15 @@ class _HalfNaN(models.lookup("toy")):  # type: ignore[misc]
         return torch.where(torch.arange(c.shape[0]) % 2 == 0, c, torch.nan)
 
 
-def test_non_finite_draws_raise_naming_model_estimator_and_fraction():
+@pytest.mark.parametrize("chunk_size", [None, 10])
+def test_non_finite_draws_raise_naming_model_estimator_and_fraction(chunk_size):
+    # Chunks are checked as they are drawn; the count covers all of them.
     with pytest.raises(
         NonFiniteDrawsError, match=r"score_function on _HalfNaN.*50 of 100 draws \(50\.0%\)"
     ):
-        estimators.get("score_function").estimate(_HalfNaN(dim=5), 100, seed=0)
+        estimators.get("score_function").estimate(
+            _HalfNaN(dim=5), 100, seed=0, chunk_size=chunk_size
+        )
 
 
 def test_huge_request_refused_up_front_with_size_and_way_out():

@@ -20,16 +20,22 @@ def _snapshot(path) -> dict[str, bytes]:
     }
 
 
-def test_append_rebuilds_in_plan_order(tmp_path):
+def test_append_is_o1_and_rebuild_orders_by_plan(tmp_path):
     out = tmp_path / "r"
     rd = ResultsDir(out, "compare", {"seed": 0, "estimators": ["e0", "e1", "e2"]}).open()
     plan = ["k0", "k1", "k2"]
-    rd.append("k2", _cell(2), plan=plan)
-    rd.append("k0", _cell(0), _cell(0), plan=plan)
+    rd.append("k2", _cell(2))
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    rd.append("k0", _cell(0), _cell(0))
+    # Appending writes the cell's own files and nothing else: no combined table yet.
+    assert not (out / "summary.csv").exists() and not (out / "per_coordinate.csv").exists()
+    assert len(sorted(p.name for p in (out / "cells").iterdir())) == len(cells) + 2
     assert rd.done() == {"k0", "k2"}
-    table = read_summary(out)
-    assert list(table["estimator"]) == ["e0", "e2"]
-    rd.append("k1", _cell(1), plan=plan)
+    assert list(rd.rebuild(plan)["estimator"]) == ["e0", "e2"]
+    assert list(read_summary(out)["estimator"]) == ["e0", "e2"]
+    rd.append("k1", _cell(1))
+    assert list(read_summary(out)["estimator"]) == ["e0", "e2"]  # rebuilt only on request
+    rd.rebuild(plan)
     rd.finish(skipped=[])
     assert list(read_summary(out)["estimator"]) == ["e0", "e1", "e2"]
     run = json.loads((out / "run.json").read_text())

@@ -218,8 +218,8 @@ def test_exact_refuses_a_model_too_large_to_enumerate():
     with pytest.raises(ValueError, match=r"21 binary units.*max_sites=20") as err:
         estimators.get("exact").estimate(models.get("toy", dim=21), 2, seed=0)
     assert "closed-form" in str(err.value) or "smaller model" in str(err.value)
-    with pytest.raises(ValueError, match=r"10 binary units.*max_sites=8"):
-        estimators.get("exact", max_sites=8).estimate(models.get("sbn"), 2, seed=0)
+    with pytest.raises(ValueError, match=r"per example 9 binary units.*max_sites=8"):
+        estimators.get("exact", max_sites=8).estimate(models.get("sbn", hidden=(5, 4)), 2, seed=0)
     with pytest.raises(ValueError, match=r"max_sites=20"):
         models.get("sbn", hidden=(12, 12), batch=1).exact_grad()
 
