@@ -190,14 +190,37 @@ def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="estimator throughput against hand-written torch references",
-        description="Per-draw throughput of each estimator on the toy, as a ratio to a "
-        "hand-written vectorised torch reference, measured in one run.",
+        description="Per-draw throughput and peak memory of each estimator on the toy, as "
+        "ratios to a tight hand-written torch reference (chunked, in place, analytic "
+        "gradients), over a grid of dims and draws, measured in one run.",
         formatter_class=_Formatter,
     )
-    p.add_argument("--draws", type=int, default=100_000)
-    p.add_argument("--dim", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--dims",
+        "--dim",
+        type=int,
+        nargs="+",
+        default=[4, 200, 2000],
+        metavar="D",
+        help="toy dimensions (exact runs at min(D, 12); finite differences at draws/100)",
+    )
+    p.add_argument("--draws", type=int, nargs="+", default=[1_000, 100_000, 1_000_000], metavar="N")
+    p.add_argument("--repeats", type=int, default=3, help="minimum over this many")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="keep the estimators whose label starts with one of these",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=1024.0,
+        metavar="MIB",
+        help="skip cells whose float32 output (draws x dim) would exceed this many MiB",
+    )
     return parser
 
 
@@ -514,14 +537,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats}")
-    rows = benchmark.run(benchmark.default_cases(args.draws, args.dim), repeats=args.repeats)
-    print(benchmark.format_table(rows))
-    return 0
+    try:
+        return int(benchmark.main_from_args(args))
+    except ValueError as e:
+        print(f"stochgrad bench: {e}", file=sys.stderr)
+        return 2
 
 
 class _pandas_display:
