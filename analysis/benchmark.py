@@ -21,9 +21,12 @@ the table reports draws per second, ``time(stochgrad) / time(reference)`` (1.0 i
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -593,13 +596,26 @@ def _reset_peak() -> bool:
         return False
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so that memory a
+    previous measurement freed is not reused unseen by the next one."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_increase(fn: Callable[[], object]) -> tuple[float, int | None]:
     """``(seconds, bytes)``: run ``fn`` once; the peak resident size during the call above the
     resident size before it (``None`` where ``/proc`` does not allow the reset).
 
-    The kernel's high-water mark is reset before the call and read after it, so no peak is
-    missed (a sampling thread would miss short ones); the result is released before the
-    reading is taken only after the peak has been recorded, so the output itself counts."""
+    Freed heap memory is first returned to the OS (``malloc_trim``), then the kernel's
+    high-water mark is reset and read after the call, so no peak is missed (a sampling thread
+    would miss short ones) and the output itself counts. Resolution is a page; memory the
+    allocator keeps resident despite the trim (small blocks) goes unseen, so figures for
+    outputs of a few MiB or less read low."""
+    gc.collect()
+    _trim_heap()
     before = _status_kb("VmRSS")
     ok = _reset_peak() and before is not None
     start = time.perf_counter()
@@ -644,8 +660,8 @@ def run(
     """Time every case on every (dim, draws) cell and return one row per cell.
 
     Each repeat times ``estimate()`` and then the reference (interleaved, so that a change
-    in the machine's load hits both); the minimum over repeats is kept. The peak-memory
-    figures come from the first repeat. A cell whose ``(draws, dim)`` float32 output would
+    in the machine's load hits both); the minimum time over repeats is kept, and the largest
+    peak-memory increase. A cell whose ``(draws, dim)`` float32 output would
     exceed ``memory_budget`` bytes is returned with ``skipped`` set, not run."""
     rows: list[dict[str, object]] = []
     seen: set[tuple[str, int, int]] = set()
@@ -701,8 +717,10 @@ def _measure(
         gen = torch.Generator().manual_seed(i)
         t_ref, m_ref = peak_rss_increase(partial(reference, phi, target, n, gen))
         ours, ref = min(ours, t_ours - warm), min(ref, t_ref)
-        if i == 0:
-            mem_ours, mem_ref = m_ours, m_ref
+        if m_ours is not None:
+            mem_ours = max(mem_ours or 0, m_ours)
+        if m_ref is not None:
+            mem_ref = max(mem_ref or 0, m_ref)
     ours = max(ours, 1e-12)
     return {
         "stochgrad_draws_per_s": n / ours,
@@ -806,6 +824,7 @@ def main_from_args(args: Any, out: Callable[[str], None] = print) -> int:
         draws=args.draws,
         repeats=args.repeats,
         memory_budget=int(args.memory_budget * 2**20),
+        log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     out(format_table(rows))
     return 0
