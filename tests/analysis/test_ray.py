@@ -230,6 +230,7 @@ def test_cell_counts_text_over_a_run():
     ]
 
 
+@pytest.mark.slow
 def test_bar_shows_counts_on_a_run(ray_local, capsys):
     cells = [Cell("a", _ok, (1,)), Cell("bad", _boom, (2,)), Cell("c", _ok, (3,))]
     ex = RayExecutor(progress=True, echo=lambda s: None)
@@ -262,6 +263,7 @@ def _stream(n: int):
     yield f"done after {n}"
 
 
+@pytest.mark.slow
 def test_streaming_cell_sends_partials_then_outcome(ray_local):
     got: list[int] = []
     cell = Cell("s", _stream, (3,), on_partial=got.append)
@@ -329,6 +331,7 @@ def _finished(cells: dict[str, bytes]) -> int:
     return len([k for k in cells if k.endswith(".summary.csv")])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
 def test_killed_driver_then_ctrl_c_then_rerun_equals_local(ray_local, tmp_path, capsys):
     """One chain, two drivers in subprocesses (each starting its own local Ray instance): the
@@ -380,6 +383,7 @@ def test_killed_driver_then_ctrl_c_then_rerun_equals_local(ray_local, tmp_path, 
     assert _gone(killed, 120) == []
 
 
+@pytest.mark.slow
 def test_reproduce_interrupted_on_worker_resumes_from_last_epoch(
     ray_local, tmp_path, monkeypatch, capsys
 ):
@@ -422,6 +426,7 @@ def test_reproduce_interrupted_on_worker_resumes_from_last_epoch(
     )
 
 
+@pytest.mark.slow
 def test_cuda_is_checked_on_the_workers(ray_local, tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("this test wants a machine without CUDA")
