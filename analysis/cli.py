@@ -73,7 +73,7 @@ def _common(p: argparse.ArgumentParser, draws: int | None, out: str) -> None:
 
 
 def _max_evals(p: argparse.ArgumentParser) -> None:
-    from .compare import DEFAULT_MAX_EVALS, MIN_CAPPED_DRAWS
+    from .defaults import DEFAULT_MAX_EVALS, MIN_CAPPED_DRAWS
 
     p.add_argument(
         "--max-evals",
@@ -86,7 +86,7 @@ def _max_evals(p: argparse.ArgumentParser) -> None:
 
 def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
     """The argument parser; ``reproduce`` is the reproduce module (or an import error)."""
-    from .compare import DEFAULT_MODELS, PAPER_ESTIMATORS, TRAIN_ESTIMATORS
+    from .defaults import DEFAULT_MODELS, PAPER_ESTIMATORS, TRAIN_ESTIMATORS
 
     parser = argparse.ArgumentParser(
         prog="stochgrad",

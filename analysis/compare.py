@@ -30,7 +30,9 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import sys
 import time
+import types
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +45,13 @@ import torch
 from stochgrad import estimators as _estimators
 from stochgrad import models as _models
 
+from .defaults import (  # noqa: F401  (re-exported)
+    DEFAULT_MAX_EVALS,
+    DEFAULT_MODELS,
+    MIN_CAPPED_DRAWS,
+    PAPER_ESTIMATORS,
+    TRAIN_ESTIMATORS,
+)
 from .stats import SUMMARY_FIELDS, GradientStats, Summary
 
 __all__ = [
@@ -65,23 +74,6 @@ __all__ = [
     "sweep",
     "train",
 ]
-
-DEFAULT_MODELS = ("toy:target=0.45", "toy:target=0.499", "sbn")
-
-PAPER_ESTIMATORS = (
-    "score_function:baseline=none",
-    "score_function:baseline=moving_average",
-    "score_function:baseline=optimal",
-    "score_function:baseline=leave_one_out",
-    "straight_through:variant=identity",
-    "straight_through:variant=sigmoid",
-    "sts",
-    "noisy_rectifier",
-    "spsa",
-    "finite_difference",
-    "node_perturbation",
-    "exact",
-)
 
 #: Columns of summary.csv, in order (the SPEC's columns first).
 SUMMARY_COLUMNS = [
@@ -177,8 +169,6 @@ COLUMN_MEANINGS = {
 }
 
 #: Model evaluations per cell in ``run_compare`` / ``run_sweep`` (the CLI) unless told.
-DEFAULT_MAX_EVALS = 1_000_000
-
 
 # ---------------------------------------------------------------------------------------------
 # Specs
@@ -488,8 +478,6 @@ def _capped(table: pd.DataFrame, num_draws: int, max_evals: Any, echo: Any) -> d
         )
     return caps
 
-
-MIN_CAPPED_DRAWS = 1000
 
 
 def cell_draws(num_draws: int, evals_per_draw: float, max_evals: float | None) -> int:
@@ -1068,8 +1056,6 @@ def train(
     return pd.DataFrame(rows, columns=TRAIN_COLUMNS)
 
 
-TRAIN_ESTIMATORS = PAPER_ESTIMATORS
-
 
 def run_train(
     model: str = "sbn",
@@ -1162,3 +1148,15 @@ def run_train(
         table = pd.concat(ordered, ignore_index=True) if ordered else pd.DataFrame()
     table.attrs["skipped"] = skipped
     return table
+
+
+class _CallableModule(types.ModuleType):
+    """``stochgrad.analysis.compare`` is both this module and the function :func:`compare`:
+    the package's lazy attribute gives the function, but importing the submodule first binds
+    the package's ``compare`` to the module, which therefore calls the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
