@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from pyro.infer.tracegraph_elbo import TrackNonReparam
+from pyro.ops.provenance import get_provenance, track_provenance
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from torch import Tensor
@@ -311,12 +312,16 @@ class TrackUnannotated(TrackNonReparam):
 
     Annotated sites are tracked too when their estimator credits downstream costs
     (:func:`credits_downstream`); the record then holds the tracked value. Sites replayed from
-    the guide already carry their provenance and are left as they are.
+    the guide already carry their provenance and are left as they are. ``upstream=True``: a
+    tracked value also carries the provenance of its distribution's parameters (the sites
+    upstream of it, even where its value was given from outside), and the value of an
+    annotated site that is not credited itself carries that of its logits.
     """
 
-    def __init__(self, *runs: Run):
+    def __init__(self, *runs: Run, upstream: bool = False):
         super().__init__()
         self.runs = runs
+        self.upstream = upstream
 
     # direct dispatch: only sample sites are tracked (nothing happens before a site)
     def _process_message(self, message: Message) -> None:
@@ -332,13 +337,36 @@ class TrackUnannotated(TrackNonReparam):
         for run in self.runs:
             record = run.records.get(name)
             if record is not None:
-                if credits_downstream(record.estimator) and record.value is msg["value"]:
-                    super()._pyro_post_sample(msg)
-                    record.value = msg["value"]
+                if record.value is not msg["value"]:
+                    return
+                if credits_downstream(record.estimator):
+                    self._track(msg)
+                elif self.upstream:  # not credited itself, but its value depends on its logits
+                    msg["value"] = track_provenance(msg["value"], get_provenance(record.logits))
+                record.value = msg["value"]
                 return
             if name in run.skip:
                 return
+        self._track(msg)
+
+    def _track(self, msg: Any) -> None:
+        value = msg["value"]
         super()._pyro_post_sample(msg)
+        if self.upstream and msg["value"] is not value:
+            # the sites upstream of the distribution's parameters, also where the value was
+            # given from outside (poutine.replay) and so carries none of them
+            msg["value"] = track_provenance(msg["value"], parameter_provenance(msg["fn"]))
+
+
+def parameter_provenance(fn: Any) -> frozenset:
+    """The provenance of a distribution's tensors (its parameters, wrappers looked through)."""
+    out: frozenset = frozenset()
+    for v in vars(fn).values():
+        if isinstance(v, Tensor):
+            out = out | get_provenance(v)
+        elif isinstance(v, Distribution):
+            out = out | parameter_provenance(v)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +452,7 @@ __all__ = [
     "credits_downstream",
     "enumeration_tables",
     "log_weight",
+    "parameter_provenance",
     "perturbed_reruns",
     "rng_state",
     "set_rng_state",
