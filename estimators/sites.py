@@ -27,9 +27,9 @@ Randomness: uniforms come from torch's global generator (``pyro.set_rng_seed`` c
 them). A site whose value is already given (``poutine.replay``) keeps it: its uniform is drawn
 from the part of (0, 1) consistent with ``h = 1[u < p]``.
 
-Requires: distributions an estimator declares (Bernoulli; Categorical for ``score_function``,
-whose replayed values ``k`` get a uniform in ``[cdf_{k-1}, cdf_k)``;
-``Independent``/masked/expanded wrappers allowed); for re-runs, a program whose sites and
+Requires: distributions an estimator declares in ``site_distributions`` (Bernoulli; also
+Categorical and OneHotCategorical for some, whose replayed values ``k`` get a uniform in
+``[cdf_{k-1}, cdf_k)``; ``Independent``/masked/expanded wrappers allowed); for re-runs, a program whose sites and
 shapes do not depend on the sampled values. Bias: that of each estimator.
 
 References: Bengio, Leonard & Courville (2013), arXiv:1308.3432, Secs. 3-4; Spall (1992);
@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from .base import Estimator, Reruns, SiteInput, site_logits
-from .distributions import BERNOULLI, unwrap
+from .distributions import BERNOULLI, Kind, unwrap
 from .handlers import ESTIMATOR_KEY, annotatable, effective_annotation, resolve_estimator
 from .registry import available, lookup
 from .score_function import bernoulli_log_prob
@@ -101,6 +101,11 @@ class SiteRecord:
     baseline_input: Tensor | None
     extra: dict[str, Tensor] = field(default_factory=dict)
     probs: Tensor | None = None  # sigmoid of the detached logits, where the rule computed it
+    kind: Kind = BERNOULLI  # the site's distribution kind
+
+    def unit_shape(self) -> torch.Size:
+        """The shape of the units (one per uniform; a OneHotCategorical's category dim out)."""
+        return self.kind.unit_shape(self.logits)
 
     def log_q(self) -> Tensor:
         """``log q(h)`` per unit (unscaled, unmasked), differentiable in the logits."""
@@ -276,6 +281,7 @@ class SiteRuleMessenger(Messenger):
             baseline_input=msg["infer"].get(BASELINE_INPUT_KEY),
             extra=out.extra,
             probs=probs,
+            kind=kind,
         )
 
     def _postprocess_message(self, message: Message) -> None:
