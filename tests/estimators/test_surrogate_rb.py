@@ -492,3 +492,21 @@ def test_named_terms_cut_the_variance_to_tracegraphs():
     assert z > crit, f"var(named)/var(whole) = {ratio:.4f}, z = {z:.2f} <= {crit:.2f}"
     z_tg = _log_variance_z(tracegraph[:, 0], named[:, 0], 1.0)
     assert z_tg < crit, f"var(named) above TraceGraph's: z = {z_tg:.2f} >= {crit:.2f}"
+
+
+def test_named_terms_as_the_first_element_of_a_tuple():
+    """The value is kept without provenance; the terms are credited as when returned alone."""
+    params = _params()
+
+    def program():
+        out = branches(params, SF)()
+        return out, {"z": out["c1"] * 0.0}
+
+    pyro.set_rng_seed(3)
+    result, grad = _grads(program, params)
+    pyro.set_rng_seed(3)
+    _, alone = _grads(branches(params, SF), params)
+    torch.testing.assert_close(grad, alone, rtol=0, atol=0)
+    assert type(result.value[0]["c1"]) is torch.Tensor
+    assert type(result.value[1]["z"]) is torch.Tensor
+    assert type(result.loss) is torch.Tensor
