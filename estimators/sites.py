@@ -29,8 +29,9 @@ from the part of (0, 1) consistent with ``h = 1[u < p]``.
 
 Requires: distributions an estimator declares in ``site_distributions`` (Bernoulli; also
 Categorical and OneHotCategorical for some, whose replayed values ``k`` get a uniform in
-``[cdf_{k-1}, cdf_k)``; ``Independent``/masked/expanded wrappers allowed); for re-runs, a program whose sites and
-shapes do not depend on the sampled values. Bias: that of each estimator.
+``[cdf_{k-1}, cdf_k)``; ``Independent``/masked/expanded wrappers allowed); for re-runs, a
+program whose sites and shapes do not depend on the sampled values. Bias: that of each
+estimator.
 
 References: Bengio, Leonard & Courville (2013), arXiv:1308.3432, Secs. 3-4; Spall (1992);
 Fiete & Seung (2006); Schulman et al. (2015) (surrogate losses).
@@ -105,7 +106,7 @@ class SiteRecord:
 
     def unit_shape(self) -> torch.Size:
         """The shape of the units (one per uniform; a OneHotCategorical's category dim out)."""
-        return self.kind.unit_shape(self.logits)
+        return torch.Size(self.kind.unit_shape(self.logits))
 
     def log_q(self) -> Tensor:
         """``log q(h)`` per unit (unscaled, unmasked), differentiable in the logits."""
