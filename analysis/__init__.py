@@ -21,6 +21,7 @@ from .compare import (
     sweep,
     train,
 )
+from .compare_pyro import compare_pyro, run_compare_pyro
 from .results import IncompatibleResults, ResultsDir
 from .stats import GradientStats, Summary, summarize
 
@@ -33,8 +34,10 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "Summary",
     "compare",
+    "compare_pyro",
     "evaluate",
     "run_compare",
+    "run_compare_pyro",
     "run_sweep",
     "run_train",
     "summarize",

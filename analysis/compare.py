@@ -51,6 +51,7 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "COORD_COLUMNS",
     "CellResult",
+    "cell_result",
     "compare",
     "evaluate",
     "format_spec",
@@ -549,15 +550,44 @@ def evaluate(
     for chunk in _draw_chunks(objective, est, num_draws, seed, chunk_elements, progress, timer):
         for k, acc in accs.items():
             acc.update(chunk[k])
-    sec = timer[0] / num_draws
+    return cell_result(
+        accs,
+        model_label=model_label,
+        estimator_label=estimator_label,
+        evals_per_draw=evals,
+        backwards_per_draw=backwards,
+        seconds=timer[0],
+        level=level,
+        unbiased=getattr(est, "unbiased", "unknown"),
+        seed=seed,
+    )
+
+
+def cell_result(
+    accs: Mapping[str, GradientStats],
+    *,
+    model_label: str,
+    estimator_label: str,
+    evals_per_draw: float,
+    backwards_per_draw: float,
+    seconds: float,
+    level: float,
+    unbiased: str,
+    seed: int,
+) -> CellResult:
+    """The rows of one cell from its filled accumulators (one per parameter, in row order).
+
+    ``seconds``: time spent drawing, divided by the draws for ``seconds_per_draw``. Shared by
+    :func:`evaluate` and :func:`stochgrad.analysis.compare_pyro.compare_pyro`.
+    """
+    draws = next(iter(accs.values())).count
+    sec = seconds / draws
     rows, coord_frames = [], []
     for k, acc in accs.items():
-        s: Summary = acc.result(evals_per_draw=evals, seconds_per_draw=sec, level=level)
-        row = {"model": model_label, "estimator": estimator_label, "param": k}
+        s: Summary = acc.result(evals_per_draw=evals_per_draw, seconds_per_draw=sec, level=level)
+        row: dict[str, Any] = {"model": model_label, "estimator": estimator_label, "param": k}
         row.update(s.as_dict())
-        row.update(
-            unbiased=getattr(est, "unbiased", "unknown"), backwards_per_draw=backwards, seed=seed
-        )
+        row.update(unbiased=unbiased, backwards_per_draw=backwards_per_draw, seed=seed)
         rows.append(row)
         pc = s.per_coordinate
         n = len(pc["mean"])
@@ -574,7 +604,7 @@ def evaluate(
     summary = pd.DataFrame(rows)[SUMMARY_COLUMNS]
     assert set(SUMMARY_FIELDS) <= set(summary.columns)
     coords = pd.concat(coord_frames, ignore_index=True)
-    return CellResult(summary=summary, coords=coords, seconds=timer[0])
+    return CellResult(summary=summary, coords=coords, seconds=seconds)
 
 
 def compare(
