@@ -196,6 +196,25 @@ def test_dict_entry_and_leaves_store_and_rng_as_found():
         assert torch.equal(after[k].detach(), v)
 
 
+def centred_guide(x):
+    """Logits centred over *all* their dims: per-draw copies would be mixed by the mean."""
+    q1 = pyro.param("q1", torch.tensor([-1.0, 0.2, 0.9]))
+    with pyro.plate("data", x.shape[-1]):
+        z1 = pyro.sample("z1", dist.Bernoulli(logits=q1 - q1.mean()))
+        pyro.sample("z2", dist.Bernoulli(logits=z1 - 0.5))
+
+
+def test_interacting_draws_fall_back_to_sequential():
+    messages = []
+    table = analysis.compare_pyro(
+        model, centred_guide, ["score_function"], 20, 0, X, echo=messages.append
+    )
+    assert not table["vectorized"].any()
+    assert any("draws interact" in m for m in messages), messages
+    with pytest.raises(ValueError, match="cannot be vectorised over draws"):
+        analysis.compare_pyro(model, centred_guide, ["score_function"], 40, 0, X, vectorize=True)
+
+
 def continuous_guide(x):
     guide(x)
     m = pyro.param("m", torch.tensor(0.1))
