@@ -306,6 +306,11 @@ def test_cli_writes_results(tmp_path, capsys):
     assert run["kind"] == "compare" and run["status"] == "finished"
     assert run["config"]["program"] == str(EXAMPLE) and run["config"]["data"] is None
     assert (out / "per_coordinate.csv").is_file()
+    before = (out / "summary.csv").read_text()
+    rc, text, err = run_cli(argv, capsys)  # the same command again: finished cells are kept
+    assert rc == 0, err
+    assert (out / "summary.csv").read_text() == before
+    assert len(json.loads((out / "run.json").read_text())["history"]) == 2
 
 
 def test_cli_data_npz_and_data_function(tmp_path, capsys):
