@@ -86,7 +86,7 @@ def _max_evals(p: argparse.ArgumentParser) -> None:
 
 def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
     """The argument parser; ``reproduce`` is the reproduce module (or an import error)."""
-    from .defaults import DEFAULT_MODELS, PAPER_ESTIMATORS, TRAIN_ESTIMATORS
+    from .defaults import DEFAULT_MODELS, TRAIN_ESTIMATORS
 
     parser = argparse.ArgumentParser(
         prog="stochgrad",
@@ -120,10 +120,40 @@ def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=_Formatter,
     )
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="SPEC")
-    p.add_argument("--estimators", nargs="+", default=list(PAPER_ESTIMATORS), metavar="SPEC")
+    p.add_argument(
+        "--models", nargs="+", default=None, metavar="SPEC",
+        help=f"default: {' '.join(DEFAULT_MODELS)}",
+    )  # fmt: skip
+    p.add_argument(
+        "--estimators", nargs="+", default=None, metavar="SPEC",
+        help="default: the paper estimators (with --pyro: the score-function baselines, "
+        "straight_through, pyro:tracegraph and pyro:tracegraph+avg)",
+    )  # fmt: skip
     p.add_argument("--level", type=float, default=0.95, help="confidence level of intervals")
     _max_evals(p)
+    p.add_argument(
+        "--pyro", default=None, metavar="FILE.py:MODEL,GUIDE",
+        help="compare the estimators at the discrete guide sites of a Pyro program instead of "
+        "on --models: the file is loaded by path, MODEL and GUIDE are its functions; the "
+        "table has one row per (estimator, pyro.param)",
+    )  # fmt: skip
+    p.add_argument(
+        "--data", default=None, metavar="VALUE",
+        help="with --pyro: the program's arguments. If the file defines data(value), it gets "
+        "VALUE (text); otherwise VALUE is a .npz file (arrays as keyword arguments) or a "
+        ".pt file (torch.load: dict -> keyword, tuple/list -> positional arguments). Without "
+        "--data, the file's data() (if any) gives them",
+    )  # fmt: skip
+    p.add_argument(
+        "--warmup", type=int, default=None,
+        help="with --pyro: ELBO calls before the measured draws (default: enough for a "
+        "stateful baseline to forget its start, else 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-vectorize",
+        action="store_true",
+        help="with --pyro: run the draws one ELBO call at a time, even where they vectorise",
+    )
     _common(p, 10_000, "results/compare")
 
     p = sub.add_parser(
@@ -401,23 +431,57 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
+def _compare_pyro(args: argparse.Namespace) -> Any:
+    from .compare_pyro import load_program, run_compare_pyro
 
-    t0 = time.perf_counter()
-    table = run_compare(
-        args.models,
+    if args.models is not None:
+        raise ValueError("--pyro and --models exclude each other: give one of them")
+    if args.device != "cpu":
+        raise ValueError("--device does not apply with --pyro: the program places its tensors")
+    if getattr(args, "executor", "local") != "local":
+        raise ValueError("--pyro runs in this process only (--executor local)")
+    model, guide, pargs, pkwargs, info = load_program(args.pyro, args.data)
+    return run_compare_pyro(
+        model,
+        guide,
         args.estimators,
         args.draws,
         args.seed,
+        *pargs,
+        kwargs=pkwargs,
         out=args.out,
-        device=_device(args.device),
+        model_label=args.pyro,
         level=args.level,
-        max_evals=args.max_evals or None,
+        warmup=args.warmup,
+        vectorize=False if args.no_vectorize else None,
         progress=_progress(args),
         echo=_echo,
-        executor=_executor(args),
+        run_info=info,
     )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import DEFAULT_MODELS, PAPER_ESTIMATORS, run_compare
+
+    t0 = time.perf_counter()
+    if args.pyro is not None:
+        table = _compare_pyro(args)
+    elif args.data is not None or args.warmup is not None or args.no_vectorize:
+        raise ValueError("--data, --warmup and --no-vectorize apply only with --pyro")
+    else:
+        table = run_compare(
+            DEFAULT_MODELS if args.models is None else args.models,
+            PAPER_ESTIMATORS if args.estimators is None else args.estimators,
+            args.draws,
+            args.seed,
+            out=args.out,
+            device=_device(args.device),
+            level=args.level,
+            max_evals=args.max_evals or None,
+            progress=_progress(args),
+            echo=_echo,
+            executor=_executor(args),
+        )
     print(format_table(table))
     for s in table.attrs.get("skipped", []):
         why = f"skipped: {s['estimator']} on {s['model']}: {_first_line(s['reason'])}"

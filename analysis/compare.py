@@ -30,9 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-import sys
 import time
-import types
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ import torch
 from stochgrad import estimators as _estimators
 from stochgrad import models as _models
 
+from ._callable import callable_module
 from .defaults import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_EVALS,
     DEFAULT_MODELS,
@@ -60,6 +59,7 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "COORD_COLUMNS",
     "CellResult",
+    "cell_result",
     "compare",
     "evaluate",
     "format_spec",
@@ -537,15 +537,44 @@ def evaluate(
     for chunk in _draw_chunks(objective, est, num_draws, seed, chunk_elements, progress, timer):
         for k, acc in accs.items():
             acc.update(chunk[k])
-    sec = timer[0] / num_draws
+    return cell_result(
+        accs,
+        model_label=model_label,
+        estimator_label=estimator_label,
+        evals_per_draw=evals,
+        backwards_per_draw=backwards,
+        seconds=timer[0],
+        level=level,
+        unbiased=getattr(est, "unbiased", "unknown"),
+        seed=seed,
+    )
+
+
+def cell_result(
+    accs: Mapping[str, GradientStats],
+    *,
+    model_label: str,
+    estimator_label: str,
+    evals_per_draw: float,
+    backwards_per_draw: float,
+    seconds: float,
+    level: float,
+    unbiased: str,
+    seed: int,
+) -> CellResult:
+    """The rows of one cell from its filled accumulators (one per parameter, in row order).
+
+    ``seconds``: time spent drawing, divided by the draws for ``seconds_per_draw``. Shared by
+    :func:`evaluate` and :func:`stochgrad.analysis.compare_pyro.compare_pyro`.
+    """
+    draws = next(iter(accs.values())).count
+    sec = seconds / draws
     rows, coord_frames = [], []
     for k, acc in accs.items():
-        s: Summary = acc.result(evals_per_draw=evals, seconds_per_draw=sec, level=level)
-        row = {"model": model_label, "estimator": estimator_label, "param": k}
+        s: Summary = acc.result(evals_per_draw=evals_per_draw, seconds_per_draw=sec, level=level)
+        row: dict[str, Any] = {"model": model_label, "estimator": estimator_label, "param": k}
         row.update(s.as_dict())
-        row.update(
-            unbiased=getattr(est, "unbiased", "unknown"), backwards_per_draw=backwards, seed=seed
-        )
+        row.update(unbiased=unbiased, backwards_per_draw=backwards_per_draw, seed=seed)
         rows.append(row)
         pc = s.per_coordinate
         n = len(pc["mean"])
@@ -562,7 +591,7 @@ def evaluate(
     summary = pd.DataFrame(rows)[SUMMARY_COLUMNS]
     assert set(SUMMARY_FIELDS) <= set(summary.columns)
     coords = pd.concat(coord_frames, ignore_index=True)
-    return CellResult(summary=summary, coords=coords, seconds=timer[0])
+    return CellResult(summary=summary, coords=coords, seconds=seconds)
 
 
 def compare(
@@ -1150,13 +1179,4 @@ def run_train(
     return table
 
 
-class _CallableModule(types.ModuleType):
-    """``stochgrad.analysis.compare`` is both this module and the function :func:`compare`:
-    the package's lazy attribute gives the function, but importing the submodule first binds
-    the package's ``compare`` to the module, which therefore calls the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__, compare)
