@@ -315,8 +315,8 @@ def format_table(df: Any, width: int = TABLE_WIDTH) -> str:
     ]
     if "heavy_tails" in df and df["heavy_tails"].astype(bool).any():
         legend.append(
-            "!: heavy-tailed draws (tail_index > 0.5); the variance/mse/snr intervals "
-            "in summary.csv are not reliable"
+            "!: heavy-tailed draws (tail_index > 0.5): their variance, mse and snr "
+            "intervals under-cover"
         )
     return "\n\n".join(blocks) + "\n\n" + "\n".join(_clip(x, width) for x in legend)
 
