@@ -293,9 +293,13 @@ class GradientStats:
             if ref_norm == 0:
                 cos = torch.full_like(cos, math.nan)
             self._cos.index_add_(0, grp, cos)
-        # Tail stream: the k + 1 largest squared distances to g* (or to K).
-        dc = y if self.reference is None else x64 - self.reference
-        self._top = _top(self._top, (dc * dc).sum(1), self.tail_k + 1)
+        # Tail stream: the k + 1 largest squared distances to g* (or to K), from y^2 already
+        # at hand: ||x - g*||^2 = sum(y^2) + 2 y.(K - g*) + ||K - g*||^2.
+        e = y2.sum(1)
+        if self.reference is not None:
+            kg = self._shift - self.reference
+            e = e + 2 * (y @ kg) + kg @ kg
+        self._top = _top(self._top, e, self.tail_k + 1)
         self.count += n
 
     def result(
