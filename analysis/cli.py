@@ -286,11 +286,18 @@ def _g(x: Any) -> str:
     return f"{v:.3g}"
 
 
+def _tail_mark(row: Any, key: str) -> str:
+    """``!`` after variance, mse and snr when the row's draws are heavy-tailed."""
+    flagged = "heavy_tails" in row and bool(row["heavy_tails"])
+    return "!" if flagged and key in ("variance", "mse", "snr") else ""
+
+
 def format_table(df: Any, width: int = TABLE_WIDTH) -> str:
     """A compact summary, one block per model (3 significant digits), no line over ``width``.
 
     Estimator names are shortened (``sf`` = score_function, ``st`` = straight_through) and
-    long names clipped with ``~``; every other column is in ``summary.csv``.
+    long names clipped with ``~``; ``!`` marks variance, mse and snr of heavy-tailed draws
+    (``heavy_tails``); every other column is in ``summary.csv``.
     """
     if df.empty:
         return "(no rows)"
@@ -306,7 +313,7 @@ def format_table(df: Any, width: int = TABLE_WIDTH) -> str:
                 [
                     _short_name(str(r[k])) if k == "estimator"
                     else str(r[k]) if k == "param"
-                    else _g(r[k]) if k in r else "-"
+                    else _g(r[k]) + _tail_mark(r, k) if k in r else "-"
                     for k in keys
                 ]
             )  # fmt: skip
@@ -336,6 +343,11 @@ def format_table(df: Any, width: int = TABLE_WIDTH) -> str:
         "bias: debiased ||mean - g*|| (0 = within Monte Carlo noise); floor: sqrt(tr(cov) / draws)",
         "sf = score_function, st = straight_through",
     ]
+    if "heavy_tails" in df and df["heavy_tails"].astype(bool).any():
+        legend.append(
+            "!: heavy-tailed draws (tail_index > 0.5): their variance, mse and snr "
+            "intervals under-cover"
+        )
     return "\n\n".join(blocks) + "\n\n" + "\n".join(_clip(x, width) for x in legend)
 
 

@@ -113,6 +113,8 @@ SUMMARY_COLUMNS = [
     "grad_norm",
     "reference",
     "reference_se_l2",
+    "tail_index",
+    "heavy_tails",
     "level",
     "groups",
     "seed",
@@ -129,6 +131,7 @@ COORD_COLUMNS = [
     "bias",
     "se",
     "z",
+    "z_corrected",
     "variance",
 ]
 
@@ -157,7 +160,12 @@ COLUMN_MEANINGS = {
     "mse": "(1/(N d)) sum_n ||g_n - g*||^2",
     "cosine": "mean cosine between a draw and g*",
     "snr": "||g*|| / sqrt(d * variance)",
-    "z_max": "max over coordinates of |mean_i - g*_i| / se_i (before the skewness correction)",
+    "z_max": "max over coordinates of the skewness-corrected statistic |w_i| (Hall's "
+    "transformation of z_i = (mean_i - g*_i) / se_i); p_unbiased = min(1, d erfc(z_max/sqrt 2))",
+    "tail_index": "Hill estimate of the tail exponent of ||g_n - g*||^2 from its (up to) 65 "
+    "largest values above 4x its mean; above 0.5 the draws look like a tail with index < 4",
+    "heavy_tails": "tail_index > 0.5 (or NaN): the variance/mse intervals, and the snr and "
+    "work_variance ones mapped from them, are not reliable (they under-cover)",
     "p_unbiased": "p-value of 'no coordinate is biased': skewness-corrected per-coordinate "
     "statistic, two-sided normal p-values, Bonferroni-Holm over coordinates",
     "evals_per_draw": "model evaluations per draw",

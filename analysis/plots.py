@@ -174,6 +174,11 @@ def _styled(fn):
     return wrapper
 
 
+def _by_estimator(sub: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The rows of ``sub`` per estimator label (one pass instead of a mask per label)."""
+    return {str(k): v for k, v in sub.groupby("estimator", sort=False)}
+
+
 def _errs(center: pd.Series, lo: pd.Series, hi: pd.Series) -> np.ndarray | None:
     """Asymmetric error bars (nan-safe); ``None`` when no interval is known."""
     c, lo_, hi_ = (np.asarray(s, dtype=float) for s in (center, lo, hi))
@@ -196,9 +201,14 @@ def plot_bias_vs_std(df: pd.DataFrame) -> Figure:
     labels = _ordered(df["estimator"])
     has_floor = "bias_noise_floor" in df
     for ax, (title, sub) in zip(axes, facets):
+        # Scales first: setting them after the artists re-invalidates every artist's transform.
+        _scale(ax, "x", np.sqrt(sub["variance"].clip(lower=0)))
+        ys = [sub["bias_l2"], sub["bias_l2_hi"]] + ([sub["bias_noise_floor"]] if has_floor else [])
+        _scale(ax, "y", pd.concat(ys).to_numpy())
+        rows = _by_estimator(sub)
         for lab in labels:
-            r = sub[sub["estimator"] == lab]
-            if r.empty:
+            r = rows.get(lab)
+            if r is None:
                 continue
             std = np.sqrt(r["variance"].clip(lower=0))
             xerr = _errs(std, np.sqrt(r["variance_lo"].clip(lower=0)), np.sqrt(r["variance_hi"]))
@@ -213,9 +223,6 @@ def plot_bias_vs_std(df: pd.DataFrame) -> Figure:
                     std, r["bias_noise_floor"], linestyle="none", marker="_", markersize=14,
                     markeredgewidth=1.5, color=st["color"], alpha=0.8, gid="noise_floor",
                 )  # fmt: skip
-        _scale(ax, "x", np.sqrt(sub["variance"].clip(lower=0)))
-        ys = [sub["bias_l2"], sub["bias_l2_hi"]] + ([sub["bias_noise_floor"]] if has_floor else [])
-        _scale(ax, "y", pd.concat(ys).to_numpy())
         ax.set_title(title)
         ax.set_xlabel("standard deviation  sqrt(variance)")
         ax.set_ylabel("debiased bias  (bar: noise floor)")
@@ -255,9 +262,12 @@ def plot_mse_vs_cost(df: pd.DataFrame) -> Figure:
     fig, axes = _grid(len(facets))
     labels = _ordered(df["estimator"])
     for ax, (title, sub) in zip(axes, facets):
+        _scale(ax, "x", sub["evals_per_draw"])
+        _scale(ax, "y", sub["mse"])
+        rows = _by_estimator(sub)
         for lab in labels:
-            r = sub[sub["estimator"] == lab]
-            if r.empty:
+            r = rows.get(lab)
+            if r is None:
                 continue
             ax.errorbar(
                 r["evals_per_draw"], r["mse"], yerr=_errs(r["mse"], r["mse_lo"], r["mse_hi"]),
@@ -270,8 +280,6 @@ def plot_mse_vs_cost(df: pd.DataFrame) -> Figure:
                 front.index, front.values, where="post", color="0.5", lw=1, zorder=0,
                 linestyle="--",
             )  # fmt: skip
-        _scale(ax, "x", sub["evals_per_draw"])
-        _scale(ax, "y", sub["mse"])
         ax.set_title(title)
         ax.set_xlabel("cost per draw (model evaluations)")
         ax.set_ylabel("MSE per coordinate")
@@ -292,9 +300,11 @@ def plot_variance(df: pd.DataFrame) -> Figure:
     fig, axes = _grid(len(facets), width=4.2, height=3.4)
     labels = _ordered(df["estimator"])
     for ax, (title, sub) in zip(axes, facets):
-        shown = [lab for lab in labels if lab in set(sub["estimator"])]
+        _scale(ax, "x", sub["variance"])
+        rows = _by_estimator(sub)
+        shown = [lab for lab in labels if lab in rows]
         for i, lab in enumerate(shown):
-            r = sub[sub["estimator"] == lab]
+            r = rows[lab]
             ax.errorbar(
                 r["variance"], [i] * len(r),
                 xerr=_errs(r["variance"], r["variance_lo"], r["variance_hi"]),
@@ -302,7 +312,6 @@ def plot_variance(df: pd.DataFrame) -> Figure:
             )  # fmt: skip
         ax.set_yticks(range(len(shown)), [s.replace(":", "\n", 1) for s in shown], fontsize=6)
         ax.invert_yaxis()
-        _scale(ax, "x", sub["variance"])
         ax.set_title(title)
         ax.set_xlabel("variance (average over coordinates)")
     _caption(fig, df)
