@@ -126,7 +126,8 @@ def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--estimators", nargs="+", default=None, metavar="SPEC",
-        help="default: the paper estimators (with --pyro: the score-function baselines, "
+        help="default: the paper estimators and the field's (arm ... gumbel_rao; with --pyro: "
+        "the score-function baselines, "
         "straight_through, pyro:tracegraph and pyro:tracegraph+avg)",
     )  # fmt: skip
     p.add_argument("--level", type=float, default=0.95, help="confidence level of intervals")
@@ -473,7 +474,7 @@ def _compare_pyro(args: argparse.Namespace) -> Any:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import DEFAULT_MODELS, PAPER_ESTIMATORS, run_compare
+    from .compare import DEFAULT_ESTIMATORS, DEFAULT_MODELS, run_compare
 
     t0 = time.perf_counter()
     if args.pyro is not None:
@@ -483,7 +484,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         table = run_compare(
             DEFAULT_MODELS if args.models is None else args.models,
-            PAPER_ESTIMATORS if args.estimators is None else args.estimators,
+            DEFAULT_ESTIMATORS if args.estimators is None else args.estimators,
             args.draws,
             args.seed,
             out=args.out,

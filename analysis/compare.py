@@ -45,6 +45,7 @@ from stochgrad import models as _models
 
 from ._callable import callable_module
 from .defaults import (  # noqa: F401  (re-exported)
+    DEFAULT_ESTIMATORS,
     DEFAULT_MAX_EVALS,
     DEFAULT_MODELS,
     MIN_CAPPED_DRAWS,
@@ -55,6 +56,7 @@ from .stats import SUMMARY_FIELDS, GradientStats, Summary
 
 __all__ = [
     "DEFAULT_MODELS",
+    "DEFAULT_ESTIMATORS",
     "PAPER_ESTIMATORS",
     "SUMMARY_COLUMNS",
     "COORD_COLUMNS",
@@ -710,7 +712,7 @@ def _executor(executor: Any) -> Any:
 
 def run_compare(
     models: Sequence[str] = DEFAULT_MODELS,
-    estimators: Sequence[str] = PAPER_ESTIMATORS,
+    estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     num_draws: int = 10_000,
     seed: int = 0,
     *,

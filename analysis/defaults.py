@@ -23,6 +23,20 @@ PAPER_ESTIMATORS = (
     "exact",
 )
 
+#: The estimators the field compares today (ARM, DisARM, REBAR, RELAX and the Gumbel family).
+FIELD_ESTIMATORS = (
+    "arm",
+    "disarm",
+    "rebar",
+    "relax",
+    "gumbel_softmax",
+    "reinmax",
+    "gumbel_rao",
+)
+
+#: The default `stochgrad compare`: the paper's estimators and the field's.
+DEFAULT_ESTIMATORS = PAPER_ESTIMATORS + FIELD_ESTIMATORS
+
 TRAIN_ESTIMATORS = PAPER_ESTIMATORS
 
 #: Model evaluations per (model, estimator) cell before the draws are capped.

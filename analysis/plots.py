@@ -39,7 +39,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .compare import PAPER_ESTIMATORS
+from .defaults import DEFAULT_ESTIMATORS
 
 __all__ = [
     "estimator_style",
@@ -55,22 +55,23 @@ __all__ = [
 # the colour-blind-safe palette plus black and a dark teal: one colour per paper estimator
 _PALETTE = list(sns.color_palette("colorblind", 10)) + [(0.0, 0.0, 0.0), (0.0, 0.36, 0.36)]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
-_FIXED = list(PAPER_ESTIMATORS)
+_FIXED = list(DEFAULT_ESTIMATORS)
 
 
 def estimator_style(label: str) -> dict[str, Any]:
     """``{"color", "marker", ...}`` for an estimator label, the same in every figure.
 
-    The palette has 12 colours (one per paper estimator); later slots reuse a colour with a
-    hollow marker.
+    The palette has 12 colours: the paper's estimators get one each; the field's estimators
+    (and any other label) reuse a colour with another, hollow marker.
     """
     if label in _FIXED:
         i = _FIXED.index(label)
     else:
         i = len(_FIXED) + zlib.crc32(label.encode("utf-8")) % (2 * len(_MARKERS))
     color = _PALETTE[i % len(_PALETTE)]
-    style = {"color": color, "marker": _MARKERS[i % len(_MARKERS)]}
-    if (i // len(_PALETTE)) % 2 == 1:
+    rounds = i // len(_PALETTE)  # later rounds shift the marker and hollow it
+    style = {"color": color, "marker": _MARKERS[(i + 5 * rounds) % len(_MARKERS)]}
+    if rounds % 2 == 1:
         style.update(markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.5)
     return style
 
