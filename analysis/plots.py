@@ -294,12 +294,21 @@ def plot_mse_vs_cost(df: pd.DataFrame) -> Figure:
     return fig
 
 
+def _tick_label(spec: str) -> str:
+    """``score_function:baseline=none`` -> ``score_function none``: one line per tick."""
+    name, _, opts = spec.partition(":")
+    for key in ("baseline=", "variant="):
+        opts = opts.replace(key, "")
+    return f"{name} {opts}".strip()
+
+
 @_styled
 def plot_variance(df: pd.DataFrame) -> Figure:
     """Variance per estimator with its confidence interval, one panel per (model, param)."""
     facets = _facets(df)
-    fig, axes = _grid(len(facets), width=4.2, height=3.4)
     labels = _ordered(df["estimator"])
+    # one tick row per estimator: the panel grows with their number, so labels never overlap
+    fig, axes = _grid(len(facets), width=4.2, height=max(3.4, 1.3 + 0.16 * len(labels)))
     for ax, (title, sub) in zip(axes, facets):
         _scale(ax, "x", sub["variance"])
         rows = _by_estimator(sub)
@@ -311,7 +320,7 @@ def plot_variance(df: pd.DataFrame) -> Figure:
                 xerr=_errs(r["variance"], r["variance_lo"], r["variance_hi"]),
                 linestyle="none", capsize=2, markersize=6, clip_on=False, **estimator_style(lab),
             )  # fmt: skip
-        ax.set_yticks(range(len(shown)), [s.replace(":", "\n", 1) for s in shown], fontsize=6)
+        ax.set_yticks(range(len(shown)), [_tick_label(s) for s in shown], fontsize=6)
         ax.invert_yaxis()
         ax.set_title(title)
         ax.set_xlabel("variance (average over coordinates)")
