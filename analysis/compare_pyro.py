@@ -808,7 +808,7 @@ def run_compare_pyro(
                 )  # fmt: skip
                 frames[key] = cell.summary.assign(vectorized=vec, reference_how=how)
                 if results is not None:
-                    results.append(key, frames[key], cell.coords, plan=plan)
+                    results.append(key, frames[key], cell.coords)
         wall = time.perf_counter() - t_start
     if results is not None:
         table = results.rebuild(plan)
