@@ -300,3 +300,21 @@ def test_trainer_steps_depend_only_on_seed_and_step(digits_only):
     assert elbos_a == elbos_b
     for (k, p), q in zip(a.vae.named_parameters(), c.vae.parameters()):
         assert torch.equal(p, q), k
+
+
+def test_objective_loads_a_training_checkpoint(digits_only, tmp_path):
+    from stochgrad import models
+    from stochgrad.analysis.train_vae import run_train_vae
+
+    run_train_vae(
+        ["disarm"], steps=2, eval_every=2, batch=10, latents=5, hidden=7, eval_size=20,
+        variance_draws=0, out=tmp_path, plots=False, progress=False, echo=None,
+    )  # fmt: skip
+    ckpt = tmp_path / "cells" / "disarm" / "seed0.ckpt"
+    state = torch.load(ckpt, weights_only=False)["trainer"]["vae"]
+    obj = models.get("vae", checkpoint=str(ckpt), batch=10, latents=5, hidden=7)
+    for k, v in obj.params.items():
+        assert torch.equal(v, state[k]), k
+    assert obj.options()["checkpoint"] == str(ckpt)
+    with pytest.raises(ValueError, match="not both"):
+        models.get("vae", checkpoint=str(ckpt), steps=3)
