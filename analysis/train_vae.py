@@ -40,6 +40,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,7 @@ def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     write(str(tmp))
@@ -205,9 +206,20 @@ class _Cell:
         _atomic_write(self.ckpt, lambda p: torch.save(state, p))
 
 
+@dataclass
 class _Run:
-    def __init__(self, **kw: Any):
-        self.__dict__.update(kw)
+    out: Path | None
+    arch: str
+    latents: int
+    hidden: int
+    batch: int
+    lr: float
+    train_x: Tensor
+    train_eval: Tensor
+    test_eval: Tensor
+    test_samples: int
+    iw_size: int
+    variance_draws: int
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,8 +122,9 @@ class BernoulliVAE(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """The logits of ``q(z | x)``: the encoder network applied to the (centred) input."""
-        if self.input_mean is not None:
-            x = x - self.input_mean
+        mean = self.input_mean
+        if isinstance(mean, Tensor):
+            x = x - mean
         return self.encoder(x)
 
     # -- the Pyro program ------------------------------------------------------------------

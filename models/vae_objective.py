@@ -267,6 +267,7 @@ def _linear_layers(module: nn.Module, prefix: str) -> list[str]:
     """Parameter-name prefixes of the affine layers of ``module``, in order."""
     if isinstance(module, nn.Linear):
         return [prefix]
+    assert isinstance(module, nn.Sequential)
     return [f"{prefix}.{i}" for i, m in enumerate(module) if isinstance(m, nn.Linear)]
 
 
@@ -360,7 +361,7 @@ class VAE(StochasticObjective):
     def _setup(self, vae: BernoulliVAE, x: Tensor, device: str | torch.device) -> None:
         self.pixels = vae.pixels
         self.x = x.to(device)
-        mean = vae.input_mean if vae.input_mean is not None else torch.zeros(vae.pixels)
+        mean = vae.input_mean if isinstance(vae.input_mean, Tensor) else torch.zeros(vae.pixels)
         self.x_centred = (x - mean).to(device)
         self.encoder_layers = _linear_layers(vae.encoder, "encoder")
         self.decoder_layers = _linear_layers(vae.decoder, "decoder")
