@@ -86,7 +86,7 @@ def _max_evals(p: argparse.ArgumentParser) -> None:
 
 def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
     """The argument parser; ``reproduce`` is the reproduce module (or an import error)."""
-    from .defaults import DEFAULT_MODELS, TRAIN_ESTIMATORS
+    from .defaults import DEFAULT_MODELS
 
     parser = argparse.ArgumentParser(
         prog="stochgrad",
@@ -190,18 +190,55 @@ def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
         description=(
             "Each estimator drives plain SGD (theta -= lr * mean of --batch draws) on a fresh "
             "copy of the model; the exact expected loss is recorded every --eval-every steps. "
-            "Figure: mean over seeds with a +-1 standard-error band."
+            "Figure: mean over seeds with a +-1 standard-error band.\n\n"
+            "--model vae: the Bernoulli VAE on dynamically binarised MNIST under the DisARM "
+            "paper's settings (Adam, batch 50, 200 latents, centred inputs): per (estimator, "
+            "seed) a log of training / test ELBO and the encoder gradient's log-variance every "
+            "--eval-every steps, figures of both, checkpoints after every evaluation (a re-run "
+            "of the same command, or one with a larger --steps, resumes)."
         ),
-        epilog=_EPILOG,
+        epilog=_EPILOG
+        + "  stochgrad train --model vae --data ../shared/data/mnist.npz --steps 20000 \\\n"
+        "      --seeds 2 --eval-every 1000 --out runs/vae_linear\n",
         formatter_class=_Formatter,
     )
-    p.add_argument("--model", default="sbn", metavar="SPEC")
-    p.add_argument("--estimators", nargs="+", default=list(TRAIN_ESTIMATORS), metavar="SPEC")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
-    p.add_argument("--batch", type=int, default=1, help="draws averaged per step")
+    p.add_argument("--model", default="sbn", metavar="SPEC", help="a model spec, or vae")
+    p.add_argument(
+        "--estimators",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="default: the paper estimators; for vae: "
+        "score_function:baseline=leave_one_out,num_samples=2 straight_through disarm",
+    )
+    p.add_argument("--steps", type=int, default=None, help="default 200; vae: 10000")
+    p.add_argument(
+        "--lr", type=float, default=None, help="SGD learning rate (default 0.05); vae: Adam's, 1e-4"
+    )
+    p.add_argument(
+        "--batch", type=int, default=None, help="draws averaged per step (default 1); vae: "
+        "images per minibatch (50)"
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, default=3, help="runs per estimator (seed, seed+1, ...)")
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=None, help="default 10; vae: 1000")
+    g = p.add_argument_group("vae only")
+    g.add_argument("--arch", choices=["linear", "nonlinear"], default=None, help="default linear")
+    g.add_argument("--data", default=None, help="mnist.npz or IDX directory (default location)")
+    g.add_argument(
+        "--test-samples",
+        type=int,
+        default=None,
+        help="K of the K-sample importance-weighted test bound (e.g. 100; default 0 = off)",
+    )
+    g.add_argument(
+        "--variance-draws",
+        type=int,
+        default=None,
+        help="gradient draws per evaluation for the encoder log-variance (default 20; 0 = off)",
+    )
+    g.add_argument(
+        "--eval-size", type=int, default=None, help="train / test images per ELBO (10000)"
+    )
     _common(p, None, "results/train")
 
     p = sub.add_parser(
@@ -542,17 +579,88 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .compare import run_train
+_VAE_ONLY = ("arch", "data", "test_samples", "variance_draws", "eval_size")
 
+
+def _vae_model(spec: str) -> dict[str, Any] | None:
+    """The options of a ``vae`` model spec, or ``None`` for any other model."""
+    from .compare import parse_spec
+
+    name, options = parse_spec(spec)
+    if name != "vae":
+        return None
+    unknown = sorted(set(options) - {"arch"})
+    if unknown:
+        raise ValueError(
+            f"--model vae takes only arch= in its spec (got {', '.join(unknown)}); the other "
+            "settings are train options (--steps, --lr, --batch, --data, ...)"
+        )
+    return options
+
+
+def cmd_train_vae(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    from .train_vae import DEFAULT_ESTIMATORS, run_train_vae
+
+    if getattr(args, "executor", "local") != "local":
+        raise ValueError("--model vae runs in this process; --executor ray is not supported")
+    arch = options.get("arch")
+    if arch is not None and args.arch is not None and arch != args.arch:
+        raise ValueError(f"--model vae:arch={arch} and --arch {args.arch} disagree")
+    _device(args.device)
+    if args.device != "cpu":
+        raise ValueError("--model vae trains on the CPU; use --device cpu")
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    table = run_train_vae(
+        args.estimators or list(DEFAULT_ESTIMATORS),
+        arch=pick(args.arch, arch or "linear"),
+        steps=pick(args.steps, 10_000),
+        seeds=args.seeds,
+        seed=args.seed,
+        lr=pick(args.lr, 1e-4),
+        batch=pick(args.batch, 50),
+        eval_every=pick(args.eval_every, 1000),
+        eval_size=pick(args.eval_size, 10_000),
+        test_samples=pick(args.test_samples, 0),
+        variance_draws=pick(args.variance_draws, 20),
+        data=args.data,
+        out=args.out,
+        plots=not args.no_plots,
+        progress=_progress(args),
+        echo=_echo,
+    )
+    last = table[table["step"] == table["step"].max()]
+    cols = ["train_elbo", "test_elbo", "log_var_encoder"]
+    if last["test_iw"].notna().any():
+        cols.insert(2, "test_iw")
+    agg = last.groupby("estimator", sort=False)[cols].mean()
+    print(f"after {int(table['step'].max())} steps (mean over {args.seeds} seed(s)):")
+    with _pandas_display():
+        print(agg.to_string(float_format=lambda v: f"{v:.2f}"))
+    figs = "" if args.no_plots else f" and figures in {args.out}/figures"
+    print(f"\nwrote {args.out}/curves.csv, cells/*/seed*.csv{figs}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .compare import TRAIN_ESTIMATORS, run_train
+
+    options = _vae_model(args.model)
+    if options is not None:
+        return cmd_train_vae(args, options)
+    given = [f"--{k.replace('_', '-')}" for k in _VAE_ONLY if getattr(args, k, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for --model vae")
     table = run_train(
         args.model,
-        args.estimators,
+        args.estimators or list(TRAIN_ESTIMATORS),
         seeds=args.seeds,
-        steps=args.steps,
-        lr=args.lr,
-        batch=args.batch,
-        eval_every=args.eval_every,
+        steps=200 if args.steps is None else args.steps,
+        lr=0.05 if args.lr is None else args.lr,
+        batch=1 if args.batch is None else args.batch,
+        eval_every=10 if args.eval_every is None else args.eval_every,
         seed=args.seed,
         out=args.out,
         device=_device(args.device),

@@ -360,7 +360,8 @@ def reference_gradient(
     ``reference`` may be given: a dict ``{param: Tensor}`` (exact) or a pair ``(mean, se)``.
     Otherwise ``objective.exact_grad()`` is used, and if it fails (no enumeration possible)
     the mean of ``reference_draws`` draws of ``reference_estimator`` (which must be unbiased)
-    with their standard error.
+    with their standard error. An objective whose draws are costly may cap that number with
+    a ``reference_draws`` attribute (the ``vae`` model's option of that name).
     """
     if reference is not None:
         if isinstance(reference, tuple):
@@ -379,6 +380,9 @@ def reference_gradient(
             f"reference estimator {_estimator_label(reference_estimator)} is not unbiased "
             f"(unbiased={est.unbiased!r}); choose an unbiased one"
         )
+    cap = getattr(objective, "reference_draws", None)
+    if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 2:
+        reference_draws = min(reference_draws, cap)
     ref_seed = _derived_seed(seed, "reference")
     means: dict[str, torch.Tensor] = {}
     ses: dict[str, torch.Tensor] = {}
