@@ -73,7 +73,7 @@ def _common(p: argparse.ArgumentParser, draws: int | None, out: str) -> None:
 
 
 def _max_evals(p: argparse.ArgumentParser) -> None:
-    from .compare import DEFAULT_MAX_EVALS, MIN_CAPPED_DRAWS
+    from .defaults import DEFAULT_MAX_EVALS, MIN_CAPPED_DRAWS
 
     p.add_argument(
         "--max-evals",
@@ -86,7 +86,7 @@ def _max_evals(p: argparse.ArgumentParser) -> None:
 
 def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
     """The argument parser; ``reproduce`` is the reproduce module (or an import error)."""
-    from .compare import DEFAULT_MODELS, PAPER_ESTIMATORS, TRAIN_ESTIMATORS
+    from .defaults import DEFAULT_MODELS
 
     parser = argparse.ArgumentParser(
         prog="stochgrad",
@@ -120,10 +120,41 @@ def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=_Formatter,
     )
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="SPEC")
-    p.add_argument("--estimators", nargs="+", default=list(PAPER_ESTIMATORS), metavar="SPEC")
+    p.add_argument(
+        "--models", nargs="+", default=None, metavar="SPEC",
+        help=f"default: {' '.join(DEFAULT_MODELS)}",
+    )  # fmt: skip
+    p.add_argument(
+        "--estimators", nargs="+", default=None, metavar="SPEC",
+        help="default: the paper estimators and the field's (arm ... gumbel_rao; with --pyro: "
+        "the score-function baselines, "
+        "straight_through, pyro:tracegraph and pyro:tracegraph+avg)",
+    )  # fmt: skip
     p.add_argument("--level", type=float, default=0.95, help="confidence level of intervals")
     _max_evals(p)
+    p.add_argument(
+        "--pyro", default=None, metavar="FILE.py:MODEL,GUIDE",
+        help="compare the estimators at the discrete guide sites of a Pyro program instead of "
+        "on --models: the file is loaded by path, MODEL and GUIDE are its functions; the "
+        "table has one row per (estimator, pyro.param)",
+    )  # fmt: skip
+    p.add_argument(
+        "--data", default=None, metavar="VALUE",
+        help="with --pyro: the program's arguments. If the file defines data(value), it gets "
+        "VALUE (text); otherwise VALUE is a .npz file (arrays as keyword arguments) or a "
+        ".pt file (torch.load: dict -> keyword, tuple/list -> positional arguments). Without "
+        "--data, the file's data() (if any) gives them",
+    )  # fmt: skip
+    p.add_argument(
+        "--warmup", type=int, default=None,
+        help="with --pyro: ELBO calls before the measured draws (default: enough for a "
+        "stateful baseline to forget its start, else 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-vectorize",
+        action="store_true",
+        help="with --pyro: run the draws one ELBO call at a time, even where they vectorise",
+    )
     _common(p, 10_000, "results/compare")
 
     p = sub.add_parser(
@@ -159,18 +190,55 @@ def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
         description=(
             "Each estimator drives plain SGD (theta -= lr * mean of --batch draws) on a fresh "
             "copy of the model; the exact expected loss is recorded every --eval-every steps. "
-            "Figure: mean over seeds with a +-1 standard-error band."
+            "Figure: mean over seeds with a +-1 standard-error band.\n\n"
+            "--model vae: the Bernoulli VAE on dynamically binarised MNIST under the DisARM "
+            "paper's settings (Adam, batch 50, 200 latents, centred inputs): per (estimator, "
+            "seed) a log of training / test ELBO and the encoder gradient's log-variance every "
+            "--eval-every steps, figures of both, checkpoints after every evaluation (a re-run "
+            "of the same command, or one with a larger --steps, resumes)."
         ),
-        epilog=_EPILOG,
+        epilog=_EPILOG
+        + "  stochgrad train --model vae --data ../shared/data/mnist.npz --steps 20000 \\\n"
+        "      --seeds 2 --eval-every 1000 --out runs/vae_linear\n",
         formatter_class=_Formatter,
     )
-    p.add_argument("--model", default="sbn", metavar="SPEC")
-    p.add_argument("--estimators", nargs="+", default=list(TRAIN_ESTIMATORS), metavar="SPEC")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
-    p.add_argument("--batch", type=int, default=1, help="draws averaged per step")
+    p.add_argument("--model", default="sbn", metavar="SPEC", help="a model spec, or vae")
+    p.add_argument(
+        "--estimators",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="default: the paper estimators; for vae: "
+        "score_function:baseline=leave_one_out,num_samples=2 straight_through disarm",
+    )
+    p.add_argument("--steps", type=int, default=None, help="default 200; vae: 10000")
+    p.add_argument(
+        "--lr", type=float, default=None, help="SGD learning rate (default 0.05); vae: Adam's, 1e-4"
+    )
+    p.add_argument(
+        "--batch", type=int, default=None, help="draws averaged per step (default 1); vae: "
+        "images per minibatch (50)"
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, default=3, help="runs per estimator (seed, seed+1, ...)")
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=None, help="default 10; vae: 1000")
+    g = p.add_argument_group("vae only")
+    g.add_argument("--arch", choices=["linear", "nonlinear"], default=None, help="default linear")
+    g.add_argument("--data", default=None, help="mnist.npz or IDX directory (default location)")
+    g.add_argument(
+        "--test-samples",
+        type=int,
+        default=None,
+        help="K of the K-sample importance-weighted test bound (e.g. 100; default 0 = off)",
+    )
+    g.add_argument(
+        "--variance-draws",
+        type=int,
+        default=None,
+        help="gradient draws per evaluation for the encoder log-variance (default 20; 0 = off)",
+    )
+    g.add_argument(
+        "--eval-size", type=int, default=None, help="train / test images per ELBO (10000)"
+    )
     _common(p, None, "results/train")
 
     p = sub.add_parser(
@@ -279,11 +347,18 @@ def _g(x: Any) -> str:
     return f"{v:.3g}"
 
 
+def _tail_mark(row: Any, key: str) -> str:
+    """``!`` after variance, mse and snr when the row's draws are heavy-tailed."""
+    flagged = "heavy_tails" in row and bool(row["heavy_tails"])
+    return "!" if flagged and key in ("variance", "mse", "snr") else ""
+
+
 def format_table(df: Any, width: int = TABLE_WIDTH) -> str:
     """A compact summary, one block per model (3 significant digits), no line over ``width``.
 
     Estimator names are shortened (``sf`` = score_function, ``st`` = straight_through) and
-    long names clipped with ``~``; every other column is in ``summary.csv``.
+    long names clipped with ``~``; ``!`` marks variance, mse and snr of heavy-tailed draws
+    (``heavy_tails``); every other column is in ``summary.csv``.
     """
     if df.empty:
         return "(no rows)"
@@ -299,7 +374,7 @@ def format_table(df: Any, width: int = TABLE_WIDTH) -> str:
                 [
                     _short_name(str(r[k])) if k == "estimator"
                     else str(r[k]) if k == "param"
-                    else _g(r[k]) if k in r else "-"
+                    else _g(r[k]) + _tail_mark(r, k) if k in r else "-"
                     for k in keys
                 ]
             )  # fmt: skip
@@ -329,6 +404,11 @@ def format_table(df: Any, width: int = TABLE_WIDTH) -> str:
         "bias: debiased ||mean - g*|| (0 = within Monte Carlo noise); floor: sqrt(tr(cov) / draws)",
         "sf = score_function, st = straight_through",
     ]
+    if "heavy_tails" in df and df["heavy_tails"].astype(bool).any():
+        legend.append(
+            "!: heavy-tailed draws (tail_index > 0.5): their variance, mse and snr "
+            "intervals under-cover"
+        )
     return "\n\n".join(blocks) + "\n\n" + "\n".join(_clip(x, width) for x in legend)
 
 
@@ -424,23 +504,57 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
+def _compare_pyro(args: argparse.Namespace) -> Any:
+    from .compare_pyro import load_program, run_compare_pyro
 
-    t0 = time.perf_counter()
-    table = run_compare(
-        args.models,
+    if args.models is not None:
+        raise ValueError("--pyro and --models exclude each other: give one of them")
+    if args.device != "cpu":
+        raise ValueError("--device does not apply with --pyro: the program places its tensors")
+    if getattr(args, "executor", "local") != "local":
+        raise ValueError("--pyro runs in this process only (--executor local)")
+    model, guide, pargs, pkwargs, info = load_program(args.pyro, args.data)
+    return run_compare_pyro(
+        model,
+        guide,
         args.estimators,
         args.draws,
         args.seed,
+        *pargs,
+        kwargs=pkwargs,
         out=args.out,
-        device=_device(args.device),
+        model_label=args.pyro,
         level=args.level,
-        max_evals=args.max_evals or None,
+        warmup=args.warmup,
+        vectorize=False if args.no_vectorize else None,
         progress=_progress(args),
         echo=_echo,
-        executor=_executor(args),
+        run_info=info,
     )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import DEFAULT_ESTIMATORS, DEFAULT_MODELS, run_compare
+
+    t0 = time.perf_counter()
+    if args.pyro is not None:
+        table = _compare_pyro(args)
+    elif args.data is not None or args.warmup is not None or args.no_vectorize:
+        raise ValueError("--data, --warmup and --no-vectorize apply only with --pyro")
+    else:
+        table = run_compare(
+            DEFAULT_MODELS if args.models is None else args.models,
+            DEFAULT_ESTIMATORS if args.estimators is None else args.estimators,
+            args.draws,
+            args.seed,
+            out=args.out,
+            device=_device(args.device),
+            level=args.level,
+            max_evals=args.max_evals or None,
+            progress=_progress(args),
+            echo=_echo,
+            executor=_executor(args),
+        )
     print(format_table(table))
     for s in table.attrs.get("skipped", []):
         why = f"skipped: {s['estimator']} on {s['model']}: {_first_line(s['reason'])}"
@@ -488,17 +602,88 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .compare import run_train
+_VAE_ONLY = ("arch", "data", "test_samples", "variance_draws", "eval_size")
 
+
+def _vae_model(spec: str) -> dict[str, Any] | None:
+    """The options of a ``vae`` model spec, or ``None`` for any other model."""
+    from .compare import parse_spec
+
+    name, options = parse_spec(spec)
+    if name != "vae":
+        return None
+    unknown = sorted(set(options) - {"arch"})
+    if unknown:
+        raise ValueError(
+            f"--model vae takes only arch= in its spec (got {', '.join(unknown)}); the other "
+            "settings are train options (--steps, --lr, --batch, --data, ...)"
+        )
+    return options
+
+
+def cmd_train_vae(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    from .train_vae import DEFAULT_ESTIMATORS, run_train_vae
+
+    if getattr(args, "executor", "local") != "local":
+        raise ValueError("--model vae runs in this process; --executor ray is not supported")
+    arch = options.get("arch")
+    if arch is not None and args.arch is not None and arch != args.arch:
+        raise ValueError(f"--model vae:arch={arch} and --arch {args.arch} disagree")
+    _device(args.device)
+    if args.device != "cpu":
+        raise ValueError("--model vae trains on the CPU; use --device cpu")
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    table = run_train_vae(
+        args.estimators or list(DEFAULT_ESTIMATORS),
+        arch=pick(args.arch, arch or "linear"),
+        steps=pick(args.steps, 10_000),
+        seeds=args.seeds,
+        seed=args.seed,
+        lr=pick(args.lr, 1e-4),
+        batch=pick(args.batch, 50),
+        eval_every=pick(args.eval_every, 1000),
+        eval_size=pick(args.eval_size, 10_000),
+        test_samples=pick(args.test_samples, 0),
+        variance_draws=pick(args.variance_draws, 20),
+        data=args.data,
+        out=args.out,
+        plots=not args.no_plots,
+        progress=_progress(args),
+        echo=_echo,
+    )
+    last = table[table["step"] == table["step"].max()]
+    cols = ["train_elbo", "test_elbo", "log_var_encoder"]
+    if last["test_iw"].notna().any():
+        cols.insert(2, "test_iw")
+    agg = last.groupby("estimator", sort=False)[cols].mean()
+    print(f"after {int(table['step'].max())} steps (mean over {args.seeds} seed(s)):")
+    with _pandas_display():
+        print(agg.to_string(float_format=lambda v: f"{v:.2f}"))
+    figs = "" if args.no_plots else f" and figures in {args.out}/figures"
+    print(f"\nwrote {args.out}/curves.csv, cells/*/seed*.csv{figs}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .compare import TRAIN_ESTIMATORS, run_train
+
+    options = _vae_model(args.model)
+    if options is not None:
+        return cmd_train_vae(args, options)
+    given = [f"--{k.replace('_', '-')}" for k in _VAE_ONLY if getattr(args, k, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for --model vae")
     table = run_train(
         args.model,
-        args.estimators,
+        args.estimators or list(TRAIN_ESTIMATORS),
         seeds=args.seeds,
-        steps=args.steps,
-        lr=args.lr,
-        batch=args.batch,
-        eval_every=args.eval_every,
+        steps=200 if args.steps is None else args.steps,
+        lr=0.05 if args.lr is None else args.lr,
+        batch=1 if args.batch is None else args.batch,
+        eval_every=10 if args.eval_every is None else args.eval_every,
         seed=args.seed,
         out=args.out,
         device=_device(args.device),

@@ -43,14 +43,25 @@ import torch
 from stochgrad import estimators as _estimators
 from stochgrad import models as _models
 
+from ._callable import callable_module
+from .defaults import (  # noqa: F401  (re-exported)
+    DEFAULT_ESTIMATORS,
+    DEFAULT_MAX_EVALS,
+    DEFAULT_MODELS,
+    MIN_CAPPED_DRAWS,
+    PAPER_ESTIMATORS,
+    TRAIN_ESTIMATORS,
+)
 from .stats import SUMMARY_FIELDS, GradientStats, Summary
 
 __all__ = [
     "DEFAULT_MODELS",
+    "DEFAULT_ESTIMATORS",
     "PAPER_ESTIMATORS",
     "SUMMARY_COLUMNS",
     "COORD_COLUMNS",
     "CellResult",
+    "cell_result",
     "compare",
     "evaluate",
     "format_spec",
@@ -65,23 +76,6 @@ __all__ = [
     "sweep",
     "train",
 ]
-
-DEFAULT_MODELS = ("toy:target=0.45", "toy:target=0.499", "sbn")
-
-PAPER_ESTIMATORS = (
-    "score_function:baseline=none",
-    "score_function:baseline=moving_average",
-    "score_function:baseline=optimal",
-    "score_function:baseline=leave_one_out",
-    "straight_through:variant=identity",
-    "straight_through:variant=sigmoid",
-    "sts",
-    "noisy_rectifier",
-    "spsa",
-    "finite_difference",
-    "node_perturbation",
-    "exact",
-)
 
 #: Columns of summary.csv, in order (the SPEC's columns first).
 SUMMARY_COLUMNS = [
@@ -121,6 +115,8 @@ SUMMARY_COLUMNS = [
     "grad_norm",
     "reference",
     "reference_se_l2",
+    "tail_index",
+    "heavy_tails",
     "level",
     "groups",
     "seed",
@@ -137,6 +133,7 @@ COORD_COLUMNS = [
     "bias",
     "se",
     "z",
+    "z_corrected",
     "variance",
 ]
 
@@ -165,7 +162,12 @@ COLUMN_MEANINGS = {
     "mse": "(1/(N d)) sum_n ||g_n - g*||^2",
     "cosine": "mean cosine between a draw and g*",
     "snr": "||g*|| / sqrt(d * variance)",
-    "z_max": "max over coordinates of |mean_i - g*_i| / se_i (before the skewness correction)",
+    "z_max": "max over coordinates of the skewness-corrected statistic |w_i| (Hall's "
+    "transformation of z_i = (mean_i - g*_i) / se_i); p_unbiased = min(1, d erfc(z_max/sqrt 2))",
+    "tail_index": "Hill estimate of the tail exponent of ||g_n - g*||^2 from its (up to) 65 "
+    "largest values above 4x its mean; above 0.5 the draws look like a tail with index < 4",
+    "heavy_tails": "tail_index > 0.5 (or NaN): the variance/mse intervals, and the snr and "
+    "work_variance ones mapped from them, are not reliable (they under-cover)",
     "p_unbiased": "p-value of 'no coordinate is biased': skewness-corrected per-coordinate "
     "statistic, two-sided normal p-values, Bonferroni-Holm over coordinates",
     "evals_per_draw": "model evaluations per draw",
@@ -177,8 +179,6 @@ COLUMN_MEANINGS = {
 }
 
 #: Model evaluations per cell in ``run_compare`` / ``run_sweep`` (the CLI) unless told.
-DEFAULT_MAX_EVALS = 1_000_000
-
 
 # ---------------------------------------------------------------------------------------------
 # Specs
@@ -360,7 +360,8 @@ def reference_gradient(
     ``reference`` may be given: a dict ``{param: Tensor}`` (exact) or a pair ``(mean, se)``.
     Otherwise ``objective.exact_grad()`` is used, and if it fails (no enumeration possible)
     the mean of ``reference_draws`` draws of ``reference_estimator`` (which must be unbiased)
-    with their standard error.
+    with their standard error. An objective whose draws are costly may cap that number with
+    a ``reference_draws`` attribute (the ``vae`` model's option of that name).
     """
     if reference is not None:
         if isinstance(reference, tuple):
@@ -379,6 +380,9 @@ def reference_gradient(
             f"reference estimator {_estimator_label(reference_estimator)} is not unbiased "
             f"(unbiased={est.unbiased!r}); choose an unbiased one"
         )
+    cap = getattr(objective, "reference_draws", None)
+    if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 2:
+        reference_draws = min(reference_draws, cap)
     ref_seed = _derived_seed(seed, "reference")
     means: dict[str, torch.Tensor] = {}
     ses: dict[str, torch.Tensor] = {}
@@ -489,8 +493,6 @@ def _capped(table: pd.DataFrame, num_draws: int, max_evals: Any, echo: Any) -> d
     return caps
 
 
-MIN_CAPPED_DRAWS = 1000
-
 
 def cell_draws(num_draws: int, evals_per_draw: float, max_evals: float | None) -> int:
     """Draws for a cell under an evaluation budget.
@@ -549,15 +551,44 @@ def evaluate(
     for chunk in _draw_chunks(objective, est, num_draws, seed, chunk_elements, progress, timer):
         for k, acc in accs.items():
             acc.update(chunk[k])
-    sec = timer[0] / num_draws
+    return cell_result(
+        accs,
+        model_label=model_label,
+        estimator_label=estimator_label,
+        evals_per_draw=evals,
+        backwards_per_draw=backwards,
+        seconds=timer[0],
+        level=level,
+        unbiased=getattr(est, "unbiased", "unknown"),
+        seed=seed,
+    )
+
+
+def cell_result(
+    accs: Mapping[str, GradientStats],
+    *,
+    model_label: str,
+    estimator_label: str,
+    evals_per_draw: float,
+    backwards_per_draw: float,
+    seconds: float,
+    level: float,
+    unbiased: str,
+    seed: int,
+) -> CellResult:
+    """The rows of one cell from its filled accumulators (one per parameter, in row order).
+
+    ``seconds``: time spent drawing, divided by the draws for ``seconds_per_draw``. Shared by
+    :func:`evaluate` and :func:`stochgrad.analysis.compare_pyro.compare_pyro`.
+    """
+    draws = next(iter(accs.values())).count
+    sec = seconds / draws
     rows, coord_frames = [], []
     for k, acc in accs.items():
-        s: Summary = acc.result(evals_per_draw=evals, seconds_per_draw=sec, level=level)
-        row = {"model": model_label, "estimator": estimator_label, "param": k}
+        s: Summary = acc.result(evals_per_draw=evals_per_draw, seconds_per_draw=sec, level=level)
+        row: dict[str, Any] = {"model": model_label, "estimator": estimator_label, "param": k}
         row.update(s.as_dict())
-        row.update(
-            unbiased=getattr(est, "unbiased", "unknown"), backwards_per_draw=backwards, seed=seed
-        )
+        row.update(unbiased=unbiased, backwards_per_draw=backwards_per_draw, seed=seed)
         rows.append(row)
         pc = s.per_coordinate
         n = len(pc["mean"])
@@ -574,7 +605,7 @@ def evaluate(
     summary = pd.DataFrame(rows)[SUMMARY_COLUMNS]
     assert set(SUMMARY_FIELDS) <= set(summary.columns)
     coords = pd.concat(coord_frames, ignore_index=True)
-    return CellResult(summary=summary, coords=coords, seconds=timer[0])
+    return CellResult(summary=summary, coords=coords, seconds=seconds)
 
 
 def compare(
@@ -685,7 +716,7 @@ def _executor(executor: Any) -> Any:
 
 def run_compare(
     models: Sequence[str] = DEFAULT_MODELS,
-    estimators: Sequence[str] = PAPER_ESTIMATORS,
+    estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     num_draws: int = 10_000,
     seed: int = 0,
     *,
@@ -1068,8 +1099,6 @@ def train(
     return pd.DataFrame(rows, columns=TRAIN_COLUMNS)
 
 
-TRAIN_ESTIMATORS = PAPER_ESTIMATORS
-
 
 def run_train(
     model: str = "sbn",
@@ -1162,3 +1191,6 @@ def run_train(
         table = pd.concat(ordered, ignore_index=True) if ordered else pd.DataFrame()
     table.attrs["skipped"] = skipped
     return table
+
+
+callable_module(__name__, compare)

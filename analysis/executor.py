@@ -17,7 +17,12 @@ return value, or the ``ValueError``/``TypeError`` it raised (an estimator refusi
 the run records it as skipped, as it always has). Any other error of a Ray cell is reported
 when it happens, the other cells go on, and :class:`CellsFailed` is raised at the end; the
 finished cells are already written, so rerunning the same command computes only the rest.
-Ctrl-C cancels the outstanding tasks.
+Ctrl-C cancels the outstanding tasks (their worker processes are stopped) and shuts down a local
+Ray instance started for the run.
+
+A cell whose function is a generator streams: every :class:`Partial` it yields reaches the
+driver as soon as it is made (``Cell.on_partial``), before the cell ends; the last other value
+it yields is its outcome. ``reproduce paper`` sends each epoch's checkpoint this way.
 
 Ray is an optional dependency (``pip install "stochgrad[ray]"``), imported only here and only
 when a :class:`RayExecutor` is made.
@@ -26,6 +31,7 @@ when a :class:`RayExecutor` is made.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -33,13 +39,15 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "INSTALL_HINT",
     "Cell",
     "CellsFailed",
+    "CellCounts",
     "LocalExecutor",
+    "Partial",
     "RayExecutor",
     "add_arguments",
     "from_args",
@@ -50,7 +58,7 @@ SKIPPABLE = (ValueError, TypeError)
 
 INSTALL_HINT = (
     "--executor ray needs Ray, which is not installed in this environment; install the extra "
-    "with: pip install \"stochgrad[ray]\" (from a checkout: pip install \".[ray]\")"
+    'with: pip install "stochgrad[ray]" (from a checkout: pip install ".[ray]")'
 )
 
 
@@ -60,6 +68,9 @@ class Cell:
 
     ``label`` is shown by progress bars; ``progress_arg`` names a keyword of ``fn`` that takes
     a per-unit progress callback (passed only when the cell runs in this process).
+    When ``fn`` is a generator function, the cell streams: each :class:`Partial` it yields is
+    handed to ``on_partial`` in the driver as it arrives; the last value it yields that is not
+    a :class:`Partial` is the cell's outcome.
     """
 
     key: str
@@ -68,6 +79,68 @@ class Cell:
     kwargs: dict[str, Any] = field(default_factory=dict)
     label: str = ""
     progress_arg: str | None = None
+    on_partial: Callable[[Any], None] | None = None
+
+    @property
+    def streams(self) -> bool:
+        return inspect.isgeneratorfunction(self.fn)
+
+
+class Partial(NamedTuple):
+    """A value a streaming cell sends to the driver before it ends (see :class:`Cell`)."""
+
+    value: Any
+
+
+class NoOutcome(RuntimeError):
+    """A streaming cell ended without yielding its outcome."""
+
+
+def _drain(cell: Cell, values: Iterable[Any]) -> Any:
+    """Hand a streaming cell's partial values to ``on_partial``; return its outcome."""
+    outcome: Any = NoOutcome(f"cell {cell.key} yielded no outcome")
+    for v in values:
+        if isinstance(v, Partial):
+            if cell.on_partial is not None:
+                cell.on_partial(v.value)
+        else:
+            outcome = v
+    if isinstance(outcome, NoOutcome):
+        raise outcome
+    return outcome
+
+
+@dataclass
+class CellCounts:
+    """What the bar over cells shows: how many are queued, running, finished and failed.
+
+    Ray does not tell the driver when a task starts, so *running* is the number of submitted,
+    unfinished cells the cluster has room for (``slots``, from its resources and the
+    per-cell request) and *queued* the rest.
+    """
+
+    total: int
+    slots: int
+    finished: int = 0
+    failed: int = 0
+
+    @property
+    def open(self) -> int:
+        return self.total - self.finished - self.failed
+
+    @property
+    def running(self) -> int:
+        return min(self.open, self.slots)
+
+    @property
+    def queued(self) -> int:
+        return self.open - self.running
+
+    def text(self) -> str:
+        return (
+            f"finished={self.finished} running={self.running} queued={self.queued} "
+            f"failed={self.failed}"
+        )
 
 
 class CellsFailed(RuntimeError):
@@ -100,6 +173,8 @@ class LocalExecutor:
                     kwargs[cell.progress_arg] = bar.update
             try:
                 outcome = cell.fn(*cell.args, **kwargs)
+                if cell.streams:
+                    outcome = _drain(cell, outcome)
             except SKIPPABLE as e:
                 outcome = e
             yield cell, outcome
@@ -160,31 +235,55 @@ class RayExecutor:
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr))
 
     def _connect(self) -> bool:
-        """Connect (or start a local instance); True when this call started Ray."""
+        """Connect (or start a local instance); True when this call started Ray.
+
+        Without an address a *new* local instance is started (``address="local"``), never one
+        left behind by an earlier driver that was killed.
+        """
         ray = self._ray
         if ray.is_initialized():
             return False
         if self.address is None:
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=True)
+            ray.init(
+                address="local", num_cpus=self.num_cpus, include_dashboard=False,
+                log_to_driver=True,
+            )  # fmt: skip
         else:
             ray.init(address=self.address, log_to_driver=True)
         return True
 
-    def _slots(self) -> int:
-        """Cells the cluster can run at once (for the bar's running / queued split)."""
+    def _slots(self, local: bool) -> int:
+        """Cells the cluster can run at once (for the bar's running / queued split).
+
+        Raises ``ValueError`` when a local instance started for the run lacks the resources of
+        one cell (its tasks would wait forever); on a cluster, only warns (nodes may join).
+        """
         res = self._ray.cluster_resources()
         slots = math.inf
-        if self.cpus_per_cell > 0:
-            slots = min(slots, res.get("CPU", 0.0) / self.cpus_per_cell)
-        if self.gpus_per_cell > 0:
-            slots = min(slots, res.get("GPU", 0.0) / self.gpus_per_cell)
+        for name, per_cell in (("CPU", self.cpus_per_cell), ("GPU", self.gpus_per_cell)):
+            if per_cell > 0:
+                have = res.get(name, 0.0)
+                if have < per_cell:
+                    why = (
+                        f"each cell asks for {per_cell:g} {name}(s) but the Ray "
+                        f"{'instance started here' if local else 'cluster'} has {have:g}"
+                    )
+                    if local:
+                        raise ValueError(
+                            f"{why}; lower --{name.lower()}s-per-cell or give --address of a "
+                            "cluster that has them"
+                        )
+                    self.echo(f"warning: {why}; the cells wait until such a node joins")
+                slots = min(slots, have / per_cell)
         return max(1, int(slots)) if math.isfinite(slots) else 1
 
     def run(self, cells: Iterable[Cell], bar: Any = None) -> Iterator[tuple[Cell, Any]]:
         """Submit every cell, then yield ``(cell, result or skippable error)`` as they finish.
 
         ``bar`` (the caller's in-process bar) is not used: this executor shows its own bar
-        over cells. Raises :class:`CellsFailed` after the last cell when any failed.
+        over cells. Raises :class:`CellsFailed` after the last cell when any failed. When
+        interrupted (Ctrl-C, or the caller stops reading), the outstanding tasks are cancelled
+        with their worker processes stopped, and the interruption propagates.
         """
         from tqdm.auto import tqdm
 
@@ -202,9 +301,10 @@ class RayExecutor:
                 hit = shared[id(value)] = (value, ray.put(value))
             return hit[1]
 
-        pending: dict[Any, Cell] = {}
+        pending: dict[Any, Cell] = {}  # ObjectRef, or ObjectRefGenerator of a streaming cell
         failures: list[tuple[str, str]] = []
         try:
+            slots = self._slots(local=started and self.address is None)
             for cell in cells:
                 fn = remote_fns.get(cell.fn)
                 if fn is None:
@@ -215,69 +315,100 @@ class RayExecutor:
                     max_retries=self.max_retries,
                     retry_exceptions=False,
                     name=cell.label or cell.key,
+                    **({"num_returns": "streaming"} if cell.streams else {}),
                 )
                 args = [put(a) for a in cell.args]
                 kwargs = {k: put(v) for k, v in cell.kwargs.items()}
                 pending[task.remote(*args, **kwargs)] = cell
-            total = len(pending)
-            slots = self._slots()
+            counts = CellCounts(total=len(pending), slots=slots)
             disable = None if self.progress is None else not self.progress
-            with tqdm(total=total, desc="cells", unit="cell", disable=disable) as cbar:
+            with tqdm(total=counts.total, desc="cells", unit="cell", disable=disable) as cbar:
 
-                def status() -> None:
-                    running = min(len(pending), slots)
-                    cbar.set_postfix_str(
-                        f"finished={cbar.n - len(failures)} running={running} "
-                        f"queued={len(pending) - running} failed={len(failures)}",
-                        refresh=True,
-                    )
+                def done(cell: Cell, failed: str | None = None) -> None:
+                    if failed is None:
+                        counts.finished += 1
+                    else:
+                        counts.failed += 1
+                        failures.append((cell.key, failed))
+                        self.echo(f"cell failed: {cell.key}: {failed}")
+                    cbar.update(1)
+                    cbar.set_postfix_str(counts.text(), refresh=True)
 
-                status()
+                cbar.set_postfix_str(counts.text(), refresh=True)
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1)
-                    for ref in ready:
-                        cell = pending.pop(ref)
+                    for waitable in ready:
+                        cell = pending[waitable]
                         outcome: Any
                         try:
-                            outcome = ray.get(ref)
+                            if cell.streams:
+                                ref = next(waitable, None)
+                                if ref is None:
+                                    raise NoOutcome(f"cell {cell.key} yielded no outcome")
+                                outcome = ray.get(ref)
+                                if isinstance(outcome, Partial):
+                                    if cell.on_partial is not None:
+                                        cell.on_partial(outcome.value)
+                                    continue  # the cell goes on
+                            else:
+                                outcome = ray.get(waitable)
                         except ray.exceptions.RayTaskError as e:
+                            pending.pop(waitable)
                             cause = getattr(e, "cause", None)
                             if isinstance(cause, SKIPPABLE):
                                 outcome = cause
                             else:
                                 why = f"{type(cause or e).__name__}: {_first_line(str(cause or e))}"
-                                failures.append((cell.key, why))
-                                self.echo(f"cell failed: {cell.key}: {why}")
-                                cbar.update(1)
-                                status()
+                                done(cell, why)
                                 continue
-                        except ray.exceptions.RayError as e:  # worker died max_retries + 1 times
-                            why = f"{type(e).__name__}: {_first_line(str(e))}"
-                            failures.append((cell.key, why))
-                            self.echo(f"cell failed: {cell.key}: {why}")
-                            cbar.update(1)
-                            status()
+                        except (ray.exceptions.RayError, NoOutcome) as e:
+                            # the worker died max_retries + 1 times, or no outcome came
+                            pending.pop(waitable)
+                            done(cell, f"{type(e).__name__}: {_first_line(str(e))}")
                             continue
-                        cbar.update(1)
-                        status()
+                        pending.pop(waitable)
+                        done(cell)
                         yield cell, outcome
         except BaseException:  # Ctrl-C, or the driver stopped reading: cancel what is left
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            if pending:
-                self.echo(f"cancelled {len(pending)} outstanding cell(s)")
+            self._cancel(list(pending))
             raise
         finally:
             shared.clear()
             if started:
                 ray.shutdown()
         if failures:
-            raise CellsFailed(failures, total)
+            raise CellsFailed(failures, counts.total)
+
+    def _cancel(self, waitables: list[Any]) -> None:
+        """Cancel outstanding tasks, stopping the worker processes that run them."""
+        ray = self._ray
+        for w in waitables:
+            try:
+                ray.cancel(w, force=True)
+            except Exception:  # already finished, or the cluster is gone: nothing runs it
+                pass
+        if waitables:
+            self.echo(f"cancelled {len(waitables)} outstanding cell(s)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Reproduce: a (row, seed) run trained on a worker, its files sent back to the driver
 # ---------------------------------------------------------------------------------------------
+
+
+def check_device(device: str) -> None:
+    """Refuse, on the machine that runs the cell, a CUDA device it does not have."""
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        import socket
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"--device {device}: CUDA is not available on the Ray worker on "
+            f"{socket.gethostname()} (torch {torch.__version__}, torch.cuda.is_available() is "
+            f"False, CUDA_VISIBLE_DEVICES={visible!r}); run on nodes with GPUs or use --device cpu"
+        )
 
 
 def train_run_remote(
@@ -288,23 +419,57 @@ def train_run_remote(
     device: str,
     key: dict[str, Any],
     files: dict[str, bytes] | None = None,
-) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """``reproduce._train_one`` in a scratch folder of the worker.
+) -> Iterator[Any]:
+    """``reproduce._train_one`` in a scratch folder of the worker, streaming its checkpoints.
 
     ``files`` (name -> bytes) are put into that folder first: a checkpoint already in the
-    results directory, which the run goes on from. Returns the run's record and the files it wrote
-    (``seedS.csv``, ``seedS.pt``, ``seedS.ckpt``, ...) as bytes, for the driver to write into
-    the results directory.
+    results directory, which the run goes on from. After every epoch, as soon as its checkpoint
+    is written, yields a :class:`Partial` with the checkpoint, its key file and the CSV log so
+    far (name -> bytes), for the driver to write into the results directory: a run whose driver
+    dies goes on from its last finished epoch when the command is run again. Finally yields the
+    run's record and every file it wrote (``seedS.csv``, ``seedS.pt``, ``seedS.ckpt``, ...).
     """
+    import queue
+    import threading
+
     from . import reproduce
 
+    check_device(device)
+    names = (f"seed{seed}.ckpt.json", f"seed{seed}.ckpt", f"seed{seed}.csv")
     with tempfile.TemporaryDirectory(prefix="stochgrad-run-") as tmp:
         folder = Path(tmp)
         for name, blob in (files or {}).items():
             (folder / Path(name).name).write_bytes(blob)
-        record = reproduce._train_one(data, row, seed, config, device, folder, key)
+        # Training runs in a thread so that this generator can yield while it goes on.
+        news: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def on_checkpoint(epoch: int) -> None:  # in the training thread, before the next epoch
+            saved = {n: (folder / n).read_bytes() for n in names if (folder / n).is_file()}
+            news.put(("epoch", saved))
+
+        def train() -> None:
+            try:
+                record = reproduce._train_one(
+                    data, row, seed, config, device, folder, key, on_checkpoint=on_checkpoint
+                )
+                news.put(("record", record))
+            except BaseException as e:  # re-raised in the task below
+                news.put(("error", e))
+
+        worker = threading.Thread(target=train, name=f"train {row} seed {seed}", daemon=True)
+        worker.start()
+        while True:
+            kind, value = news.get()
+            if kind == "epoch":
+                yield Partial(value)
+                continue
+            worker.join()
+            if kind == "error":
+                raise value
+            record = value
+            break
         written = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
-    return record, written
+    yield record, written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,8 +478,8 @@ def train_run_remote(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``--executor``, ``--address``, ``--cpus-per-cell``, ``--gpus-per-cell``, ``--max-retries``.
-    """
+    """Add ``--executor``, ``--address``, ``--cpus-per-cell``, ``--gpus-per-cell`` and
+    ``--max-retries`` to ``p``."""
     g = p.add_argument_group("where the cells run")
     g.add_argument(
         "--executor",

@@ -39,7 +39,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .compare import PAPER_ESTIMATORS
+from .defaults import DEFAULT_ESTIMATORS
 
 __all__ = [
     "estimator_style",
@@ -55,22 +55,23 @@ __all__ = [
 # the colour-blind-safe palette plus black and a dark teal: one colour per paper estimator
 _PALETTE = list(sns.color_palette("colorblind", 10)) + [(0.0, 0.0, 0.0), (0.0, 0.36, 0.36)]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
-_FIXED = list(PAPER_ESTIMATORS)
+_FIXED = list(DEFAULT_ESTIMATORS)
 
 
 def estimator_style(label: str) -> dict[str, Any]:
     """``{"color", "marker", ...}`` for an estimator label, the same in every figure.
 
-    The palette has 12 colours (one per paper estimator); later slots reuse a colour with a
-    hollow marker.
+    The palette has 12 colours: the paper's estimators get one each; the field's estimators
+    (and any other label) reuse a colour with another, hollow marker.
     """
     if label in _FIXED:
         i = _FIXED.index(label)
     else:
         i = len(_FIXED) + zlib.crc32(label.encode("utf-8")) % (2 * len(_MARKERS))
     color = _PALETTE[i % len(_PALETTE)]
-    style = {"color": color, "marker": _MARKERS[i % len(_MARKERS)]}
-    if (i // len(_PALETTE)) % 2 == 1:
+    rounds = i // len(_PALETTE)  # later rounds shift the marker and hollow it
+    style = {"color": color, "marker": _MARKERS[(i + 5 * rounds) % len(_MARKERS)]}
+    if rounds % 2 == 1:
         style.update(markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.5)
     return style
 
@@ -174,6 +175,11 @@ def _styled(fn):
     return wrapper
 
 
+def _by_estimator(sub: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The rows of ``sub`` per estimator label (one pass instead of a mask per label)."""
+    return {str(k): v for k, v in sub.groupby("estimator", sort=False)}
+
+
 def _errs(center: pd.Series, lo: pd.Series, hi: pd.Series) -> np.ndarray | None:
     """Asymmetric error bars (nan-safe); ``None`` when no interval is known."""
     c, lo_, hi_ = (np.asarray(s, dtype=float) for s in (center, lo, hi))
@@ -196,9 +202,14 @@ def plot_bias_vs_std(df: pd.DataFrame) -> Figure:
     labels = _ordered(df["estimator"])
     has_floor = "bias_noise_floor" in df
     for ax, (title, sub) in zip(axes, facets):
+        # Scales first: setting them after the artists re-invalidates every artist's transform.
+        _scale(ax, "x", np.sqrt(sub["variance"].clip(lower=0)))
+        ys = [sub["bias_l2"], sub["bias_l2_hi"]] + ([sub["bias_noise_floor"]] if has_floor else [])
+        _scale(ax, "y", pd.concat(ys).to_numpy())
+        rows = _by_estimator(sub)
         for lab in labels:
-            r = sub[sub["estimator"] == lab]
-            if r.empty:
+            r = rows.get(lab)
+            if r is None:
                 continue
             std = np.sqrt(r["variance"].clip(lower=0))
             xerr = _errs(std, np.sqrt(r["variance_lo"].clip(lower=0)), np.sqrt(r["variance_hi"]))
@@ -213,9 +224,6 @@ def plot_bias_vs_std(df: pd.DataFrame) -> Figure:
                     std, r["bias_noise_floor"], linestyle="none", marker="_", markersize=14,
                     markeredgewidth=1.5, color=st["color"], alpha=0.8, gid="noise_floor",
                 )  # fmt: skip
-        _scale(ax, "x", np.sqrt(sub["variance"].clip(lower=0)))
-        ys = [sub["bias_l2"], sub["bias_l2_hi"]] + ([sub["bias_noise_floor"]] if has_floor else [])
-        _scale(ax, "y", pd.concat(ys).to_numpy())
         ax.set_title(title)
         ax.set_xlabel("standard deviation  sqrt(variance)")
         ax.set_ylabel("debiased bias  (bar: noise floor)")
@@ -255,9 +263,12 @@ def plot_mse_vs_cost(df: pd.DataFrame) -> Figure:
     fig, axes = _grid(len(facets))
     labels = _ordered(df["estimator"])
     for ax, (title, sub) in zip(axes, facets):
+        _scale(ax, "x", sub["evals_per_draw"])
+        _scale(ax, "y", sub["mse"])
+        rows = _by_estimator(sub)
         for lab in labels:
-            r = sub[sub["estimator"] == lab]
-            if r.empty:
+            r = rows.get(lab)
+            if r is None:
                 continue
             ax.errorbar(
                 r["evals_per_draw"], r["mse"], yerr=_errs(r["mse"], r["mse_lo"], r["mse_hi"]),
@@ -270,8 +281,6 @@ def plot_mse_vs_cost(df: pd.DataFrame) -> Figure:
                 front.index, front.values, where="post", color="0.5", lw=1, zorder=0,
                 linestyle="--",
             )  # fmt: skip
-        _scale(ax, "x", sub["evals_per_draw"])
-        _scale(ax, "y", sub["mse"])
         ax.set_title(title)
         ax.set_xlabel("cost per draw (model evaluations)")
         ax.set_ylabel("MSE per coordinate")
@@ -285,24 +294,34 @@ def plot_mse_vs_cost(df: pd.DataFrame) -> Figure:
     return fig
 
 
+def _tick_label(spec: str) -> str:
+    """``score_function:baseline=none`` -> ``score_function none``: one line per tick."""
+    name, _, opts = spec.partition(":")
+    for key in ("baseline=", "variant="):
+        opts = opts.replace(key, "")
+    return f"{name} {opts}".strip()
+
+
 @_styled
 def plot_variance(df: pd.DataFrame) -> Figure:
     """Variance per estimator with its confidence interval, one panel per (model, param)."""
     facets = _facets(df)
-    fig, axes = _grid(len(facets), width=4.2, height=3.4)
     labels = _ordered(df["estimator"])
+    # one tick row per estimator: the panel grows with their number, so labels never overlap
+    fig, axes = _grid(len(facets), width=4.2, height=max(3.4, 1.3 + 0.16 * len(labels)))
     for ax, (title, sub) in zip(axes, facets):
-        shown = [lab for lab in labels if lab in set(sub["estimator"])]
+        _scale(ax, "x", sub["variance"])
+        rows = _by_estimator(sub)
+        shown = [lab for lab in labels if lab in rows]
         for i, lab in enumerate(shown):
-            r = sub[sub["estimator"] == lab]
+            r = rows[lab]
             ax.errorbar(
                 r["variance"], [i] * len(r),
                 xerr=_errs(r["variance"], r["variance_lo"], r["variance_hi"]),
                 linestyle="none", capsize=2, markersize=6, clip_on=False, **estimator_style(lab),
             )  # fmt: skip
-        ax.set_yticks(range(len(shown)), [s.replace(":", "\n", 1) for s in shown], fontsize=6)
+        ax.set_yticks(range(len(shown)), [_tick_label(s) for s in shown], fontsize=6)
         ax.invert_yaxis()
-        _scale(ax, "x", sub["variance"])
         ax.set_title(title)
         ax.set_xlabel("variance (average over coordinates)")
     _caption(fig, df)

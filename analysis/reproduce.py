@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -208,11 +209,12 @@ def run(args: argparse.Namespace) -> int:
     seeds, rows = parse_seeds(args.seeds), parse_rows(args.rows)
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    executor = ex.from_args(args)
+    # With --executor ray the runs need CUDA on the workers, not here: checked there.
+    if args.device == "cuda" and executor.in_process and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
-    executor = ex.from_args(args)
     data = load_data(args.data, args.train_subset)
     out = Path(args.out)
     config = cc.for_protocol(
@@ -425,6 +427,7 @@ def _run_remote(
                 (data, row, seed, quiet, device, key),
                 {"files": carried},
                 label=f"{row} seed {seed}",
+                on_partial=functools.partial(_save_epoch, runs / row),
             )
         )
     failures: list[tuple[str, str]] = []
@@ -460,6 +463,13 @@ def _batchable(row: str, config: cc.TrainConfig) -> bool:
     if not ok:
         print(f"reproduce: {row}: stateful gate estimator, seeds one by one", file=sys.stderr)
     return ok
+
+
+def _save_epoch(folder: Path, files: dict[str, bytes]) -> None:
+    """Write the checkpoint (key file first) and CSV log a worker sent after an epoch, so a
+    driver that dies mid-run leaves a run that the next one goes on from."""
+    for name in sorted(files, key=lambda n: (not n.endswith(".ckpt.json"), n)):
+        atomic_write_bytes(folder / Path(name).name, files[name])
 
 
 def _load_record(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -544,7 +554,12 @@ def _train_one(
     device: str,
     folder: Path,
     key: dict[str, Any],
+    on_checkpoint: Any = None,
 ) -> dict[str, Any]:
+    """Train one (row, seed) in ``folder`` (its CSV log, checkpoint and weights); its record.
+
+    ``on_checkpoint(epoch)`` is called after each epoch's checkpoint is written.
+    """
     net, checkpoint, on_epoch = _prepare(data, row, seed, config, device, folder, key)
     start = time.perf_counter()
     result = cc.train(
@@ -554,6 +569,7 @@ def _train_one(
         on_epoch,
         description=f"{row}/{seed}",
         checkpoint=checkpoint,
+        on_checkpoint=on_checkpoint,
     )
     return _record(result, row, seed, config, device, folder, key, time.perf_counter() - start)
 

@@ -35,7 +35,9 @@ Model-only annotated sites (latent in the model, absent from the guide) are trea
 guide sampled them from the prior: ``log p(h | ...) - log q(h | ...)`` cancels and is left out
 of the ELBO, and the estimator carries the gradient of the prior's parameters.
 
-Requires: Bernoulli annotated sites; for ``exact`` and the perturbation estimators, sites and
+Requires: annotated sites of a distribution their estimator declares (Bernoulli; also
+Categorical / OneHotCategorical for ``score_function``, ``exact``, and OneHotCategorical for
+``straight_through``); for ``exact`` and the perturbation estimators, sites and
 shapes that do not depend on the sampled values. ``leave_one_out`` baselines need
 ``num_particles >= 2``. Bias: that of each site's estimator.
 

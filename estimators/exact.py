@@ -17,8 +17,9 @@ bounded memory, each with its own copy of the parameters, and the terms are summ
 Accuracy: in float32 the result is within ~1e-6 of a float64 computation, relative to the
 largest gradient component (tested against a float64 brute force up to 20 units).
 
-Requires: Bernoulli or Categorical sample sites (in ``estimate()`` and at Pyro sites) whose
-shapes do not depend on the sampled values; at most ``2^max_sites`` configurations
+Requires: Bernoulli, Categorical or OneHotCategorical sample sites (in ``estimate()`` and at
+Pyro sites; a OneHotCategorical unit takes each one-hot value in turn) whose shapes do not
+depend on the sampled values; at most ``2^max_sites`` configurations
 (``max_sites`` binary units) enumerated jointly: per example when examples are declared.
 Bias: none, and no variance: every draw returns the same (exact) gradient.
 """
@@ -46,12 +47,12 @@ from .base import (
     run_model,
     site_units,
 )
-from .distributions import BERNOULLI, Kind
+from .distributions import BERNOULLI, ONE_HOT_CATEGORICAL, Kind
 from .registry import register
-from .score_function import bernoulli_log_prob
+from .score_function import bernoulli_log_prob, value_log_prob
 
 DEFAULT_MAX_SITES = 20
-KINDS_EXACT = ("Bernoulli", "Categorical")
+KINDS_EXACT = ("Bernoulli", "Categorical", "OneHotCategorical")
 
 
 def count_units(objective: Any) -> int:
@@ -65,7 +66,10 @@ def site_radices(objective: Any) -> dict[str, tuple[torch.Size, int]]:
     with torch.no_grad():
         _, sites = run_model(objective, params, hard_rule(Uniforms(rng)), "exact", KINDS_EXACT)
     return {
-        name: (s.value.shape[1:], 2 if s.kind is BERNOULLI else int(s.logits.shape[-1]))
+        name: (
+            s.kind.unit_shape(s.logits)[1:],
+            2 if s.kind is BERNOULLI else int(s.logits.shape[-1]),
+        )
         for name, s in sites.items()
     }
 
@@ -136,7 +140,8 @@ def enumerate_model(
         value = table[name]
         if kind is BERNOULLI:
             return value, {"log_prob": bernoulli_log_prob(logits, value)}
-        return value, {"log_prob": kind.log_prob(logits, value)}
+        value = category_value(kind, logits, value)
+        return value, {"log_prob": value_log_prob(kind, logits, value)}
 
     cost, sites = run_model(objective, params, rule, "exact", KINDS_EXACT)
     if list(sites) != list(units):
@@ -220,7 +225,8 @@ def _enumerate_chunk(
         value = table[name]
         if kind is BERNOULLI:
             return value, {"log_prob": bernoulli_log_prob(logits, value)}
-        return value, {"log_prob": kind.log_prob(logits, value)}
+        value = category_value(kind, logits, value)
+        return value, {"log_prob": value_log_prob(kind, logits, value)}
 
     with SiteMessenger(rule, "exact", KINDS_EXACT) as handler:
         if examples is None:
@@ -281,6 +287,15 @@ def _enumerate(
     return {k: g.to(params[k].dtype) for k, g in grads.items()}, total
 
 
+def category_value(kind: Kind, logits: Tensor, index: Tensor) -> Tensor:
+    """The value of categorical units with category ``index`` (one-hot for
+    OneHotCategorical units, the index itself for Categorical ones)."""
+    if kind is ONE_HOT_CATEGORICAL:
+        k = index.long()
+        return torch.nn.functional.one_hot(k, logits.shape[-1]).to(logits.dtype)
+    return index
+
+
 def enumerate_grad(objective: Any, max_sites: int = DEFAULT_MAX_SITES) -> dict[str, Tensor]:
     """Exact ``d E[L] / d params`` by enumeration (per example when the objective declares
     independent examples; see :func:`example_count`)."""
@@ -323,8 +338,9 @@ class Exact(Estimator):
             value = site.assigned.to(site.logits.dtype).expand_as(site.logits)
             return SiteValue(value, hard=value)
         shape = site.kind.unit_shape(site.logits)
-        value = site.assigned.to(site.logits.dtype).expand(shape)
-        log_prob = site.kind.log_prob(site.logits, value)
+        index = site.assigned.to(site.logits.dtype).expand(shape)
+        value = category_value(site.kind, site.logits, index)
+        log_prob = value_log_prob(site.kind, site.logits, value)
         return SiteValue(value, hard=value, extra={"log_prob": log_prob})
 
     def site_log_weight(self, record: Any) -> Tensor:
@@ -334,11 +350,11 @@ class Exact(Estimator):
         """Every joint configuration of the given sites' units (binary or categorical), as
         value tables."""
         max_sites = min(r.estimator.max_sites for r in records)
-        shapes = {r.name: r.hard.shape for r in records}
+        shapes = {r.name: r.unit_shape() for r in records}
         radices = [
-            2 if r.logits.dim() == r.hard.dim() else int(r.logits.shape[-1])
+            2 if r.kind is BERNOULLI else int(r.logits.shape[-1])
             for r in records
-            for _ in range(r.hard.numel())
+            for _ in range(shapes[r.name].numel())
         ]
         n = len(radices)
         if all(x == 2 for x in radices) and n > max_sites:

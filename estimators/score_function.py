@@ -31,10 +31,11 @@ Baselines (``baseline=``):
 
 With ``num_samples = K`` every draw averages ``K`` single-sample estimates.
 
-Requires: Bernoulli or Categorical sample sites (``Categorical``: ``log q(k) =
-log softmax(a)_k``, ``k`` sampled by inverse CDF from one uniform per unit, in ``estimate()`` and
-at Pyro sites); ``baseline="optimal"`` is per Bernoulli unit (Eq. 10) and refuses Categorical
-units with a ``TypeError``.
+Requires: Bernoulli, Categorical or OneHotCategorical sample sites (``Categorical``:
+``log q(k) = log softmax(a)_k``, ``k`` sampled by inverse CDF from one uniform per unit, in
+``estimate()`` and at Pyro sites; ``OneHotCategorical``: the same ``k`` as a one-hot vector,
+``log q(h) = <h, log softmax(a)>``); ``baseline="optimal"`` is per Bernoulli unit (Eq. 10) and
+refuses categorical units with a ``TypeError``.
 Bias: none for every baseline (the stateful ones are built from earlier draws only).
 Warm-up: every ``estimate`` call starts the stateful baselines (``moving_average``, ``optimal``
 online, ``learned``) from fresh state and updates them over ``warmup_draws`` draws, in chunks of
@@ -100,6 +101,16 @@ def bernoulli_log_prob(logits: Tensor, value: Tensor) -> Tensor:
     return value * logits - softplus(logits)
 
 
+def value_log_prob(kind: Kind, logits: Tensor, value: Tensor) -> Tensor:
+    """``log q(value)`` per unit, shaped to broadcast against the value.
+
+    For Bernoulli and Categorical units the value has the units' shape; a OneHotCategorical
+    value has the categories as a last dim, which the log-density keeps as a singleton.
+    """
+    log_prob = kind.log_prob(logits, value)
+    return log_prob.unsqueeze(-1) if log_prob.dim() < value.dim() else log_prob
+
+
 @register
 class ScoreFunction(SurrogateEstimator):
     """REINFORCE with a baseline: ``g = (L - b) d log q(h)/d theta + dL/d theta|_h``."""
@@ -159,7 +170,7 @@ class ScoreFunction(SurrogateEstimator):
 
     # -- at a Pyro site: value h, term (L - b) log q(h) per unit, state per site ------------
 
-    site_distributions = ("Bernoulli", "Categorical")
+    site_distributions = ("Bernoulli", "Categorical", "OneHotCategorical")
     site_owns_log_q = True
     site_needs_peers = True
 
@@ -210,7 +221,7 @@ class ScoreFunction(SurrogateEstimator):
                 )
             u = uniforms(name, kind.unit_shape(logits), logits.dtype)
             h = kind.sample(logits.detach(), u)
-            return h, {"log_prob": kind.log_prob(logits, h)}
+            return h, {"log_prob": value_log_prob(kind, logits, h)}
 
         return rule
 

@@ -27,10 +27,11 @@ Randomness: uniforms come from torch's global generator (``pyro.set_rng_seed`` c
 them). A site whose value is already given (``poutine.replay``) keeps it: its uniform is drawn
 from the part of (0, 1) consistent with ``h = 1[u < p]``.
 
-Requires: distributions an estimator declares (Bernoulli; Categorical for ``score_function``,
-whose replayed values ``k`` get a uniform in ``[cdf_{k-1}, cdf_k)``;
-``Independent``/masked/expanded wrappers allowed); for re-runs, a program whose sites and
-shapes do not depend on the sampled values. Bias: that of each estimator.
+Requires: distributions an estimator declares in ``site_distributions`` (Bernoulli; also
+Categorical and OneHotCategorical for some, whose replayed values ``k`` get a uniform in
+``[cdf_{k-1}, cdf_k)``; ``Independent``/masked/expanded wrappers allowed); for re-runs, a
+program whose sites and shapes do not depend on the sampled values. Bias: that of each
+estimator.
 
 References: Bengio, Leonard & Courville (2013), arXiv:1308.3432, Secs. 3-4; Spall (1992);
 Fiete & Seung (2006); Schulman et al. (2015) (surrogate losses).
@@ -45,13 +46,14 @@ from typing import Any
 
 import torch
 from pyro.infer.tracegraph_elbo import TrackNonReparam
+from pyro.ops.provenance import get_provenance, track_provenance
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from torch import Tensor
 from torch.distributions import Distribution
 
 from .base import Estimator, Reruns, SiteInput, site_logits
-from .distributions import BERNOULLI, unwrap
+from .distributions import BERNOULLI, Kind, unwrap
 from .handlers import ESTIMATOR_KEY, annotatable, effective_annotation, resolve_estimator
 from .registry import available, lookup
 from .score_function import bernoulli_log_prob
@@ -100,6 +102,11 @@ class SiteRecord:
     baseline_input: Tensor | None
     extra: dict[str, Tensor] = field(default_factory=dict)
     probs: Tensor | None = None  # sigmoid of the detached logits, where the rule computed it
+    kind: Kind = BERNOULLI  # the site's distribution kind
+
+    def unit_shape(self) -> torch.Size:
+        """The shape of the units (one per uniform; a OneHotCategorical's category dim out)."""
+        return torch.Size(self.kind.unit_shape(self.logits))
 
     def log_q(self) -> Tensor:
         """``log q(h)`` per unit (unscaled, unmasked), differentiable in the logits."""
@@ -275,6 +282,7 @@ class SiteRuleMessenger(Messenger):
             baseline_input=msg["infer"].get(BASELINE_INPUT_KEY),
             extra=out.extra,
             probs=probs,
+            kind=kind,
         )
 
     def _postprocess_message(self, message: Message) -> None:
@@ -311,12 +319,16 @@ class TrackUnannotated(TrackNonReparam):
 
     Annotated sites are tracked too when their estimator credits downstream costs
     (:func:`credits_downstream`); the record then holds the tracked value. Sites replayed from
-    the guide already carry their provenance and are left as they are.
+    the guide already carry their provenance and are left as they are. ``upstream=True``: a
+    tracked value also carries the provenance of its distribution's parameters (the sites
+    upstream of it, even where its value was given from outside), and the value of an
+    annotated site that is not credited itself carries that of its logits.
     """
 
-    def __init__(self, *runs: Run):
+    def __init__(self, *runs: Run, upstream: bool = False):
         super().__init__()
         self.runs = runs
+        self.upstream = upstream
 
     # direct dispatch: only sample sites are tracked (nothing happens before a site)
     def _process_message(self, message: Message) -> None:
@@ -332,13 +344,36 @@ class TrackUnannotated(TrackNonReparam):
         for run in self.runs:
             record = run.records.get(name)
             if record is not None:
-                if credits_downstream(record.estimator) and record.value is msg["value"]:
-                    super()._pyro_post_sample(msg)
-                    record.value = msg["value"]
+                if record.value is not msg["value"]:
+                    return
+                if credits_downstream(record.estimator):
+                    self._track(msg)
+                elif self.upstream:  # not credited itself, but its value depends on its logits
+                    msg["value"] = track_provenance(msg["value"], get_provenance(record.logits))
+                record.value = msg["value"]
                 return
             if name in run.skip:
                 return
+        self._track(msg)
+
+    def _track(self, msg: Any) -> None:
+        value = msg["value"]
         super()._pyro_post_sample(msg)
+        if self.upstream and msg["value"] is not value:
+            # the sites upstream of the distribution's parameters, also where the value was
+            # given from outside (poutine.replay) and so carries none of them
+            msg["value"] = track_provenance(msg["value"], parameter_provenance(msg["fn"]))
+
+
+def parameter_provenance(fn: Any) -> frozenset:
+    """The provenance of a distribution's tensors (its parameters, wrappers looked through)."""
+    out: frozenset = frozenset()
+    for v in vars(fn).values():
+        if isinstance(v, Tensor):
+            out = out | get_provenance(v)
+        elif isinstance(v, Distribution):
+            out = out | parameter_provenance(v)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +459,7 @@ __all__ = [
     "credits_downstream",
     "enumeration_tables",
     "log_weight",
+    "parameter_provenance",
     "perturbed_reruns",
     "rng_state",
     "set_rng_state",

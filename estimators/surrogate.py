@@ -8,8 +8,9 @@ API::
     forward_gradient(fn, params, "spsa" | "finite_difference" | obj, *args, **kwargs) -> Tensor
 
 ``fn(*args, **kwargs)`` is a Pyro program whose stochastic neurons are ``pyro.sample``
-Bernoulli sites and which returns its cost ``L`` (or a tuple whose first element is the
-cost; the whole return value is kept in ``SurrogateResult.value``). The returned scalar has
+Bernoulli (or, for estimators that declare them, Categorical and OneHotCategorical) sites and
+which returns its cost ``L`` (or named cost terms, below; or a tuple whose first element is
+the cost; the whole return value is kept in ``SurrogateResult.value``). The returned scalar has
 the *value* of the cost (summed over its elements, averaged over particles) and the
 *gradient* of the chosen estimators::
 
@@ -36,11 +37,27 @@ plate (``pyro.plate("data", N, subsample_size=n)``) a cost with the plate's dim 
 ``N / n``, as Pyro scales log-densities there, so that the value and the gradient are unbiased
 for the full-data cost; a cost already reduced over that dim is taken as it is.
 
+Named cost terms: the program may return a ``dict[str, Tensor]`` instead (or as the first
+element of its tuple), e.g. ``{"fit": nll, "compute": penalty}``. The cost is the sum of the
+terms (each term summed over its elements, each scaled for subsampling as above). A unit of a
+score-function site -- annotated with an estimator that credits downstream costs
+(:func:`~stochgrad.estimators.sites.credits_downstream`: not the re-running or enumerating
+ones) or left to Pyro -- is credited only with the terms that depend on the site: those whose
+provenance (Pyro's tracking of the sample values through every operation, as in
+``TraceGraph_ELBO``; the sites upstream of a site's parameters count as upstream of its value)
+holds it, each reduced to the unit's plates as above. The terms left out cannot move with the
+unit's value, so leaving them out removes variance and no mean. Stateful baselines act on
+each site's credited cost. Re-running and enumerating estimators keep the whole cost. A
+program returning one tensor is credited as one term upstream of every site, exactly as
+without names. The run is tracked only for a program that names its terms (decided on the
+program's code; the first call of a new one runs it twice on the same random numbers).
+
 Per site, with ``a`` the unit's pre-activation and ``L`` its cost (identities in
 :mod:`stochgrad.estimators.sites`):
 
 - unannotated: Pyro's default -- pathwise through ``rsample`` where the distribution has one,
-  otherwise the plain score function ``L * d log q(h)`` (as ``Trace_ELBO``; no baseline);
+  otherwise the plain score function ``L * d log q(h)`` (as ``Trace_ELBO``, or with named
+  terms as ``TraceGraph_ELBO``; no baseline);
 - ``score_function``: ``(L - b) * d log q(h)`` with the estimator's baseline (state kept per
   site in the estimator object, updated after use; ``leave_one_out`` needs
   ``num_particles >= 2``; ``learned`` reads ``infer={"baseline_input": x}``);
@@ -63,13 +80,15 @@ References: Bengio, Leonard & Courville (2013), arXiv:1308.3432; Schulman et al.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import is_identically_zero
+from pyro.ops.provenance import detach_provenance as _detach_provenance
+from pyro.ops.provenance import get_provenance as _get_provenance
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
@@ -79,6 +98,8 @@ from .sites import (
     Run,
     SiteRecord,
     SiteRuleMessenger,
+    TrackUnannotated,
+    credits_downstream,
     enumerated,
     enumeration_tables,
     log_weight,
@@ -152,25 +173,120 @@ def _sum_to_frames(cost: Tensor, frames: tuple) -> Tensor:
 
 
 class _Execution:
-    """A run of the program: its cost, return value, trace and site records."""
+    """A run of the program: its cost terms, return value, trace and site records.
 
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict, run: Run):
+    ``terms``: the cost terms, subsample-scaled, detached from provenance (one, ``cost``, for a
+    program returning a tensor). ``sources``: per term, the latent sites upstream of it (its
+    provenance), or ``None`` where the program returned one tensor (every site is credited
+    with the whole cost, as before named terms existed) or the run was not tracked.
+    """
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, run: Run, track: bool = False):
         self.run = run
-        self.trace = poutine.trace(SiteRuleMessenger(run)(fn)).get_trace(*args, **kwargs)
-        self.value = self.trace.nodes["_RETURN"]["value"]
-        cost = self.value[0] if isinstance(self.value, tuple) else self.value
-        if not isinstance(cost, Tensor):
-            raise TypeError(
-                f"the program must return its cost as a Tensor (or a tuple starting with it); "
-                f"got {type(cost).__name__}"
-            )
-        if not cost.is_floating_point():
-            raise TypeError(f"the program's cost must be a floating tensor, got {cost.dtype}")
-        self.cost = cost * subsample_scale(cost, self.trace)
+        traced = poutine.trace(SiteRuleMessenger(run)(fn))
+        if track:
+            with TrackUnannotated(run, upstream=True):
+                self.trace = traced.get_trace(*args, **kwargs)
+        else:
+            self.trace = traced.get_trace(*args, **kwargs)
+        returned: Any = self.trace.nodes["_RETURN"]["value"]
+        cost: Any = returned[0] if isinstance(returned, tuple) else returned
+        self.value = _detach_provenance(returned) if track else returned
+        self.named = isinstance(cost, Mapping)
+        self.sources: list[frozenset] | None = None
+        if self.named:
+            if not cost:
+                raise ValueError("the program returned an empty dict of cost terms")
+            terms = []
+            for key, term in cost.items():
+                _check_cost(term, f"cost term {key!r}")
+                terms.append(term * subsample_scale(term, self.trace))
+            if track:
+                self.sources = [_get_provenance(t) for t in terms]
+            self.terms = [_plain(t) for t in terms]
+            total: Tensor | float = 0.0
+            for t in self.terms:
+                total = total + t.sum()
+            assert isinstance(total, Tensor)
+            self.total = total
+        else:
+            _check_cost(cost, "cost")
+            scaled = _plain(cost * subsample_scale(cost, self.trace))
+            self.terms = [scaled]
+            self.total = scaled.sum()
         self.records = run.records
         self.log_weight: Tensor | float = log_weight(self.records.values())
-        # re-runs: (estimator, Reruns, [cost of each re-run])
-        self.perturbed: list[tuple[Any, Any, list[Tensor]]] = []
+        # re-runs: (estimator, Reruns, [cost terms of each re-run])
+        self.perturbed: list[tuple[Any, Any, list[list[Tensor]]]] = []
+
+    @property
+    def cost(self) -> Tensor:
+        """The cost of a program that returns one tensor."""
+        assert not self.named
+        return self.terms[0]
+
+    def credited(self, record: SiteRecord) -> Tensor:
+        """The cost the site's units are credited with, reduced to its plates (detached).
+
+        The terms downstream of the site (by provenance) where its estimator credits downstream
+        costs and the program names its terms; otherwise every term (the whole cost).
+        """
+        if self.sources is None or not credits_downstream(record.estimator):
+            return self.whole(record)
+        picked = [t for t, src in zip(self.terms, self.sources) if record.name in src]
+        return _sum_reduced(picked, record, lambda t: reduce_cost(t, record))
+
+    def whole(self, record: SiteRecord) -> Tensor:
+        """Every term, reduced to the site's plates (detached)."""
+        if not self.named:
+            return reduce_cost(self.cost, record)
+        return _sum_reduced(self.terms, record, lambda t: reduce_cost(t, record))
+
+    def change(self, terms: list[Tensor], record: SiteRecord) -> Tensor:
+        """A re-run's cost (its ``terms``) minus this run's, reduced to the site's plates."""
+        if not self.named:
+            return reduce_cost(terms[0] - self.cost.detach(), record)
+        pairs = [c - t.detach() for c, t in zip(terms, self.terms)]
+        return _sum_reduced(pairs, record, lambda t: reduce_cost(t, record))
+
+    def stock_cost(self, name: str, frames: tuple) -> Tensor:
+        """The cost credited to an unannotated latent site, summed to its plates (detached)."""
+        if self.sources is None:
+            if not self.named:
+                return _sum_to_frames(self.cost, frames)
+            terms = self.terms
+        else:
+            terms = [t for t, src in zip(self.terms, self.sources) if name in src]
+        total: Tensor = torch.zeros((), dtype=self.total.dtype, device=self.total.device)
+        for t in terms:
+            total = total + _sum_to_frames(t, frames)
+        return total
+
+
+def _check_cost(cost: Any, what: str) -> None:
+    if not isinstance(cost, Tensor):
+        raise TypeError(
+            f"the program must return its cost as a Tensor, a dict of named Tensor terms, or a "
+            f"tuple starting with either; its {what} is a {type(cost).__name__}"
+        )
+    if not cost.is_floating_point():
+        raise TypeError(f"the program's {what} must be a floating tensor, got {cost.dtype}")
+
+
+def _sum_reduced(terms: list[Tensor], record: SiteRecord, reduce: Callable) -> Tensor:
+    """``sum_t reduce(t)`` (broadcast); zero with the site's shape when no term is given."""
+    if not terms:
+        dtype, device = record.logits.dtype, record.logits.device
+        return record.units(torch.zeros((), dtype=dtype, device=device))
+    out = reduce(terms[0])
+    for t in terms[1:]:
+        out = out + reduce(t)
+    return out
+
+
+def _plain(x: Any) -> Any:
+    """``x`` without provenance (a plain tensor, the common case, as it is)."""
+    return x if type(x) is Tensor else _detach_provenance(x)
 
 
 class Surrogate:
@@ -194,7 +310,7 @@ class Surrogate:
         )
         k = self.num_particles
         weights = [
-            [torch.exp(e.log_weight) if isinstance(e.log_weight, Tensor) else 1.0 for e in runs]
+            [_plain(e.log_weight).exp() if isinstance(e.log_weight, Tensor) else 1.0 for e in runs]
             for runs in particles
         ]
         # per particle and site: the q-weighted cost, for leave-one-out baselines
@@ -204,7 +320,7 @@ class Surrogate:
             for e, w in zip(runs, ws):
                 for name, r in e.records.items():
                     if r.estimator.site_needs_peers:
-                        c = _detach(w) * reduce_cost(e.cost, r)
+                        c = _detach(w) * e.credited(r)
                         acc[name] = acc[name] + c if name in acc else c
             site_costs.append(acc)
 
@@ -213,13 +329,13 @@ class Surrogate:
         updates: dict[tuple[int, str], tuple[Estimator, SiteRecord, list]] = {}
         for i, (runs, ws) in enumerate(zip(particles, weights)):
             for e, w in zip(runs, ws):
-                total = e.cost.sum()
+                total = e.total
                 s = total + _stock_score_terms(e)
                 for name, r in e.records.items():
                     est = r.estimator
                     if type(est).site_term is Estimator.site_term:
                         continue
-                    cost_u = reduce_cost(e.cost, r)
+                    cost_u = e.credited(r)
                     others: Tensor | None = None
                     if est.site_needs_peers and k > 1:
                         rest = [site_costs[j][name] for j in range(k) if j != i]
@@ -229,7 +345,7 @@ class Surrogate:
                         if owner is est:
                             reruns = plan
                             changes = [
-                                reduce_cost(c - e.cost.detach(), r) if name in offsets else None
+                                e.change(c, r) if name in offsets else None
                                 for offsets, c in zip(plan.offsets, done)
                             ]
                     state = updates.setdefault((id(est), name), (est, r, []))[2]
@@ -245,33 +361,55 @@ class Surrogate:
             for est, r, samples in updates.values():
                 est.site_commit(r, samples, None)
         assert isinstance(value, Tensor) and isinstance(surrogate, Tensor)
-        loss = value + (surrogate - surrogate.detach())
+        plain_value: Tensor = _plain(value)
+        plain_surrogate: Tensor = _plain(surrogate)
+        loss = plain_value + (plain_surrogate - plain_surrogate.detach())
         first = particles[0][0]
-        return SurrogateResult(loss=loss, cost=value.detach(), value=first.value, trace=first.trace)
+        return SurrogateResult(
+            loss=loss, cost=plain_value.detach(), value=first.value, trace=first.trace
+        )
 
     def _particle(self, fn: Callable, args: tuple, kwargs: dict) -> list[_Execution]:
         # The stream, per particle: one integer (the seed of the perturbation directions,
         # drawn whether or not they are needed), then the program's own draws.
         seed = int(torch.randint(0, 2**62, ()).item())
         start = rng_state()
-        base = _Execution(fn, args, kwargs, Run())
+        key = _program_key(fn)
+        track = _NAMES_TERMS.get(key, False)
+        base = _Execution(fn, args, kwargs, Run(), track)
+        if base.named and not track:
+            # named cost terms need provenance: run again, tracked, on the same random numbers
+            track = True
+            set_rng_state(start)
+            base = _Execution(fn, args, kwargs, Run(), track)
+        _NAMES_TERMS[key] = base.named
         after = rng_state()
         runs = [base]
         if enumerated(base.records.values()):
             tables = enumeration_tables(base.records.values())
             for table in tables[1:]:
                 set_rng_state(start)
-                runs.append(_Execution(fn, args, kwargs, Run(table=table)))
+                runs.append(_Execution(fn, args, kwargs, Run(table=table), track))
             base.run.table = tables[0]
         generator = torch.Generator().manual_seed(seed)
         for e in runs:
 
-            def cost(offsets: dict[str, Tensor], table: Any = e.run.table) -> Tensor:
-                return _Execution(fn, args, kwargs, Run(table=table, perturb=offsets)).cost.detach()
+            def cost(offsets: dict[str, Tensor], table: Any = e.run.table) -> list[Tensor]:
+                rerun = _Execution(fn, args, kwargs, Run(table=table, perturb=offsets))
+                return [t.detach() for t in rerun.terms]
 
             e.perturbed.extend(perturbed_reruns(e.records.values(), generator, start, cost))
         set_rng_state(after)
         return runs
+
+
+# Whether a program (by its code) last returned named cost terms: such a program is run with
+# provenance tracking from the start (a wrong guess costs one untracked run, never a result).
+_NAMES_TERMS: dict[Any, bool] = {}
+
+
+def _program_key(fn: Callable) -> Any:
+    return getattr(fn, "__code__", None) or type(fn)
 
 
 def _detach(w: Tensor | float) -> Tensor | float:
@@ -279,7 +417,8 @@ def _detach(w: Tensor | float) -> Tensor | float:
 
 
 def _stock_score_terms(e: _Execution) -> Tensor | float:
-    """``L * score`` for unannotated non-reparameterised latent sites (as ``Trace_ELBO``)."""
+    """``L * score`` for unannotated non-reparameterised latent sites (as ``Trace_ELBO``; with
+    named cost terms, ``L`` holds the terms downstream of the site, as ``TraceGraph_ELBO``)."""
     total: Tensor | float = 0.0
     for name, site in e.trace.nodes.items():
         if (
@@ -295,7 +434,7 @@ def _stock_score_terms(e: _Execution) -> Tensor | float:
         parts = fn.score_parts(site["value"], *site["args"], **site["kwargs"])
         if is_identically_zero(parts.score_function):
             continue
-        cost = _sum_to_frames(e.cost, tuple(site["cond_indep_stack"]))
+        cost = e.stock_cost(name, tuple(site["cond_indep_stack"]))
         total = total + (parts.score_function * cost).sum()
     return total
 

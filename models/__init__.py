@@ -16,11 +16,13 @@ from .sbn import SBN
 from .toy import Toy
 from .toy_categorical import ToyCategorical
 from .vae import BernoulliVAE, TrainConfig
+from .vae_objective import VAE
 
 _MODELS: dict[str, type[StochasticObjective]] = {
     "toy": Toy,
     "toy_categorical": ToyCategorical,
     "sbn": SBN,
+    "vae": VAE,
 }
 
 
@@ -57,6 +59,7 @@ __all__ = [
     "Toy",
     "ToyCategorical",
     "TrainConfig",
+    "VAE",
     "available",
     "get",
     "lookup",

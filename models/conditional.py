@@ -1026,6 +1026,7 @@ def train(
     description: str = "",
     checkpoint: str | Path | None = None,
     controller: SparsityController | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``net`` on ``data`` (a :class:`stochgrad.models.data.Digits`) as in Sec. 6.
 
@@ -1047,6 +1048,7 @@ def train(
     ``on_epoch`` is not called again for the epochs already in it. The caller makes sure the
     file belongs to the same network, data and settings. ``controller``: a sparsity controller
     to use instead of the paper's (built from the gate type's penalty and ``config.density``).
+    ``on_checkpoint(epoch)`` is called each time the checkpoint has been written.
     """
     from tqdm.auto import tqdm
 
@@ -1170,6 +1172,8 @@ def train(
                 },
                 checkpoint,
             )
+            if on_checkpoint is not None:
+                on_checkpoint(epoch)
         if early_stop([h[criterion] for h in history], config.patience):
             break
     if "state" not in best:

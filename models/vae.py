@@ -5,8 +5,10 @@
     q(z | x) = prod_j Bern(z_j; sigmoid(encoder(x)_j))
 
 ``linear``: encoder and decoder are single affine maps (the one-layer SBN of Mnih & Gregor
-2014 and REBAR). ``nonlinear``: two deterministic ``tanh`` layers of ``hidden`` units in each
-(REBAR's "nonlinear" architecture). Training maximises
+2014 and REBAR). ``nonlinear``: two deterministic layers of ``hidden`` units in each, with
+``activation`` ``tanh`` (the default here) or ``leaky_relu`` (slope 0.3, the DisARM paper's
+784-200-200 networks). ``input_mean``: when given, the encoder sees ``x - input_mean`` (inputs
+centred by the training mean). Training maximises
 
     ELBO(x) = E_q[log p(x | z) + log p(z) - log q(z | x)]
 
@@ -37,16 +39,25 @@ import torch
 from torch import Tensor, nn
 
 ARCHITECTURES = ("linear", "nonlinear")
+ACTIVATIONS = ("tanh", "leaky_relu")
+#: Negative slope of the ``leaky_relu`` activation (DisARM paper, Sec. 6).
+LEAKY_SLOPE = 0.3
 
 
-def _net(inputs: int, outputs: int, hidden: int, architecture: str) -> nn.Module:
+def _activation(name: str) -> nn.Module:
+    return nn.Tanh() if name == "tanh" else nn.LeakyReLU(LEAKY_SLOPE)
+
+
+def _net(
+    inputs: int, outputs: int, hidden: int, architecture: str, activation: str = "tanh"
+) -> nn.Module:
     if architecture == "linear":
         return nn.Linear(inputs, outputs)
     return nn.Sequential(
         nn.Linear(inputs, hidden),
-        nn.Tanh(),
+        _activation(activation),
         nn.Linear(hidden, hidden),
-        nn.Tanh(),
+        _activation(activation),
         nn.Linear(hidden, outputs),
     )
 
@@ -58,6 +69,8 @@ class BernoulliVAE(nn.Module):
     object, or ``None`` for Pyro's default); ``pyro_baseline``: alternatively, Pyro's own
     ``infer["baseline"]`` options (for ``TraceGraph_ELBO``). ``data_mean``: pixel means used to
     initialise the decoder's output bias to ``logit(mean)`` (speeds up early training).
+    ``activation``: ``tanh`` or ``leaky_relu`` (nonlinear only). ``input_mean``: subtracted
+    from the encoder's input (a buffer, saved in the state dict).
     """
 
     def __init__(
@@ -69,6 +82,8 @@ class BernoulliVAE(nn.Module):
         estimator: Any = None,
         pyro_baseline: dict | None = None,
         data_mean: Tensor | None = None,
+        activation: str = "tanh",
+        input_mean: Tensor | None = None,
     ):
         super().__init__()
         if architecture not in ARCHITECTURES:
@@ -76,22 +91,41 @@ class BernoulliVAE(nn.Module):
                 f"architecture must be one of {', '.join(map(repr, ARCHITECTURES))}; "
                 f"got {architecture!r}"
             )
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}; got {activation!r}"
+            )
         for label, v in [("pixels", pixels), ("latents", latents), ("hidden", hidden)]:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{label} must be a positive int, got {v!r}")
         if estimator is not None and pyro_baseline is not None:
             raise ValueError("give either estimator= or pyro_baseline=, not both")
         self.pixels, self.latents, self.architecture = pixels, latents, architecture
+        self.hidden, self.activation = hidden, activation
         self.estimator = estimator
         self.pyro_baseline = pyro_baseline
-        self.encoder = _net(pixels, latents, hidden, architecture)
-        self.decoder = _net(latents, pixels, hidden, architecture)
+        self.encoder = _net(pixels, latents, hidden, architecture, activation)
+        self.decoder = _net(latents, pixels, hidden, architecture, activation)
+        if input_mean is not None and tuple(input_mean.shape) != (pixels,):
+            raise ValueError(
+                f"input_mean must have shape ({pixels},), got {tuple(input_mean.shape)}"
+            )
+        self.register_buffer(
+            "input_mean", None if input_mean is None else input_mean.detach().clone()
+        )
         self.prior_logits = nn.Parameter(torch.zeros(latents))
         if data_mean is not None:
             out = self.decoder if architecture == "linear" else self.decoder[-1]
             with torch.no_grad():
                 m = data_mean.clamp(1e-3, 1 - 1e-3)
                 out.bias.copy_(torch.log(m) - torch.log1p(-m))  # type: ignore[union-attr]
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The logits of ``q(z | x)``: the encoder network applied to the (centred) input."""
+        mean = self.input_mean
+        if isinstance(mean, Tensor):
+            x = x - mean
+        return self.encoder(x)
 
     # -- the Pyro program ------------------------------------------------------------------
 
@@ -111,13 +145,13 @@ class BernoulliVAE(nn.Module):
         elif self.pyro_baseline is not None:
             infer = {"baseline": dict(self.pyro_baseline)}
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Bernoulli(logits=self.encoder(x)).to_event(1), infer=infer)
+            pyro.sample("z", dist.Bernoulli(logits=self.encode(x)).to_event(1), infer=infer)
 
     # -- plain torch: densities, bounds, the hand-written estimator --------------------------
 
     def log_weights(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(log p(x, z), log q(z | x))`` for ``z`` of shape ``(..., batch, latents)``."""
-        log_q = dist.Bernoulli(logits=self.encoder(x)).log_prob(z).sum(-1)
+        log_q = dist.Bernoulli(logits=self.encode(x)).log_prob(z).sum(-1)
         log_prior = dist.Bernoulli(logits=self.prior_logits).log_prob(z).sum(-1)
         log_lik = dist.Bernoulli(logits=self.decoder(z)).log_prob(x).sum(-1)
         return log_prior + log_lik, log_q
@@ -127,7 +161,7 @@ class BernoulliVAE(nn.Module):
         """Per-example importance-weighted bound with ``samples`` draws (``1``: the ELBO)."""
         out = []
         for xs in x.split(chunk):
-            probs = torch.sigmoid(self.encoder(xs))  # (batch, latents)
+            probs = torch.sigmoid(self.encode(xs))  # (batch, latents)
             z = torch.bernoulli(probs.expand(samples, *probs.shape))  # (K, batch, latents)
             log_p, log_q = self.log_weights(xs, z)  # (K, batch)
             out.append(torch.logsumexp(log_p - log_q, 0) - math.log(samples))
@@ -142,7 +176,7 @@ class BernoulliVAE(nn.Module):
         per example (``Trace_ELBO``'s estimator). ``z``: use these latents instead of sampling.
         Returns ``(surrogate, L)``; ``L`` is detached.
         """
-        logits = self.encoder(x)
+        logits = self.encode(x)
         if z is None:
             z = torch.bernoulli(torch.sigmoid(logits.detach()))
         log_q = dist.Bernoulli(logits=logits).log_prob(z).sum(-1)  # (batch,)
@@ -352,7 +386,9 @@ def time_steps(
 
 
 __all__ = [
+    "ACTIVATIONS",
     "ARCHITECTURES",
+    "LEAKY_SLOPE",
     "BernoulliVAE",
     "TrainConfig",
     "batches",

@@ -150,3 +150,42 @@ def test_console_script(installed):
     )
     assert out.returncode == 0, out.stderr
     assert "compare" in out.stdout
+
+
+def test_help_and_the_parser_do_not_import_torch():
+    """``stochgrad --help`` builds its parser from plain constants: no torch, no pandas."""
+    code = (
+        "import sys\n"
+        "from stochgrad.analysis.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "try:\n"
+        "    main(['compare', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('torch', 'pandas', 'pyro', 'scipy', 'matplotlib')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert "HEAVY []" in out, out
+    assert "--estimators" in out  # the compare options were printed
+
+
+def test_analysis_compare_is_callable_whichever_import_comes_first():
+    code = (
+        "import stochgrad.analysis.compare\n"  # the submodule first: binds the package name
+        "from stochgrad import analysis, models\n"
+        "t = analysis.compare(models.get('toy', dim=2), ['score_function'], num_draws=50)\n"
+        "from stochgrad.analysis import compare\n"
+        "u = compare(models.get('toy', dim=2), ['score_function'], num_draws=50)\n"
+        "print('ROWS', len(t), len(u))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
+    assert "ROWS 1 1" in out, out

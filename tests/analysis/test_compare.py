@@ -260,3 +260,12 @@ def test_compare_on_cuda():
     )  # fmt: skip
     assert len(table) == 2 + 2 * 6
     assert (table["variance"] > 0).all() and (table["reference"] == "exact").all()
+
+
+def test_default_compare_runs_every_registered_estimator():
+    from stochgrad import estimators
+    from stochgrad.analysis.defaults import DEFAULT_ESTIMATORS
+
+    names = {C.parse_spec(s)[0] for s in DEFAULT_ESTIMATORS}
+    assert names == set(estimators.available())
+    assert len(set(DEFAULT_ESTIMATORS)) == len(DEFAULT_ESTIMATORS)

@@ -142,6 +142,7 @@ def test_styles_fixed_and_distinct():
 def test_plot_results_from_saved_directory(tmp_path, kind, table, names):
     rd = ResultsDir(tmp_path, kind, {"seed": 0}).open()
     rd.append("k", table())
+    rd.rebuild()
     rd.finish()
     files = plots.plot_results(tmp_path)
     assert {f.stem for f in files} == names

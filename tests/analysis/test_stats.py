@@ -27,10 +27,10 @@ def _hand(x: np.ndarray, g: np.ndarray, r: np.ndarray | None = None) -> dict[str
     cos = np.where(norms > 0, x @ g / np.where(norms > 0, norms, 1) / np.linalg.norm(g), 0.0)
     se2 = s2 / n + (0 if r is None else r**2)
     z = b / np.sqrt(se2)
-    zmax = np.abs(z).max()
     m3 = ((x - mean) ** 3).mean(0)
     c = m3 / n**2 / se2**1.5
     w = z + c * z**2 / 3 + c**2 * z**3 / 27 + c / 6
+    zmax = np.abs(w).max()  # the corrected statistic, the one p_unbiased comes from
     floor2 = se2.sum()
     bias = math.sqrt(max(0.0, (b * b).sum() - floor2))
     return {
@@ -138,6 +138,8 @@ def test_bad_input():
         GradientStats(torch.zeros(3)).update(torch.zeros(1, 3)).result()
     with pytest.raises(ValueError, match="groups"):
         GradientStats(torch.zeros(3), groups=1)
+    with pytest.raises(ValueError, match="tail_k"):
+        GradientStats(torch.zeros(3), tail_k=1)
     with pytest.raises(ValueError, match="non-finite"):
         GradientStats(torch.tensor([0.0, math.nan]))
     with pytest.raises(ValueError, match="level"):
@@ -293,3 +295,73 @@ def test_nan_draws_never_give_p_unbiased_one():
     x[7, 1] = math.nan
     s = summarize(x, torch.zeros(3, dtype=torch.float64))
     assert math.isnan(s.p_unbiased)
+
+
+def test_p_unbiased_is_computed_from_z_max():
+    """z_max is the skewness-corrected statistic: p_unbiased = min(1, d erfc(z_max / sqrt 2))."""
+    x = torch.empty(300, 5, dtype=torch.float64).exponential_(
+        generator=torch.Generator().manual_seed(4)
+    )
+    s = summarize(x, torch.full((5,), 1.05, dtype=torch.float64))
+    assert s.p_unbiased == pytest.approx(min(1.0, 5 * math.erfc(s.z_max / math.sqrt(2))), rel=1e-12)
+    assert s.z_max == pytest.approx(float(s.per_coordinate["z_corrected"].abs().max()), rel=1e-15)
+    assert s.z_max != pytest.approx(float(s.per_coordinate["z"].abs().max()), rel=1e-3)
+
+
+def _hand_tail(x: np.ndarray, c: np.ndarray, k: int = 64) -> float:
+    e = ((x - c) ** 2).sum(1)
+    top = np.sort(e)[::-1][: k + 1]
+    keep = top[top >= 4 * e.mean()]
+    return 0.0 if keep.size < 2 else float(np.log(keep[:-1] / keep[-1]).mean())
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 333])
+def test_tail_index_formula_and_chunk_invariance(chunk):
+    """Pareto(alpha = 2) draws: the squared distance has tail exponent 1; the Hill estimate
+    from 64 values has sd about 1/8, so it lies in [0.5, 1.5] (4 sd) and is flagged."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(5000, 2, generator=gen, dtype=torch.float64) ** -0.5
+    g = torch.full((2,), 2.0, dtype=torch.float64)
+    s = summarize(x, g, chunk_draws=chunk)
+    assert s.tail_index == pytest.approx(_hand_tail(x.numpy(), g.numpy()), rel=1e-12)
+    assert 0.5 <= s.tail_index <= 1.5 and s.heavy_tails
+    # Without a reference the distances are taken to the first draw.
+    s0 = summarize(x, None, chunk_draws=chunk)
+    assert s0.tail_index == pytest.approx(_hand_tail(x.numpy(), x[0].numpy()), rel=1e-12)
+    assert s0.heavy_tails
+
+
+def test_tail_index_of_draws_with_few_values():
+    """Bernoulli draws: the far values are ties (index exactly 0); Gaussian draws stay below
+    the 1/2 cut; NaN draws give a NaN index and the flag."""
+    gen = torch.Generator().manual_seed(6)
+    b = (torch.rand(2000, 1, generator=gen, dtype=torch.float64) < 0.01).double()
+    s = summarize(b, torch.full((1,), 0.01, dtype=torch.float64))
+    assert s.tail_index == 0.0 and not s.heavy_tails
+    s = summarize(torch.full((10, 3), 2.0, dtype=torch.float64), torch.full((3,), 2.0))
+    assert s.tail_index == 0.0 and not s.heavy_tails
+    x = torch.randn(20000, 1, generator=gen, dtype=torch.float64)
+    s = summarize(x, torch.zeros(1, dtype=torch.float64))
+    assert 0.0 < s.tail_index < 0.5 and not s.heavy_tails
+    x[3, 0] = math.nan
+    s = summarize(x, torch.zeros(1, dtype=torch.float64))
+    assert math.isnan(s.tail_index) and s.heavy_tails
+
+
+def test_printed_table_marks_heavy_tails():
+    """compare's printed table puts ``!`` after variance, mse and snr of flagged rows only."""
+    import pandas as pd
+
+    from stochgrad.analysis.cli import format_table
+
+    gen = torch.Generator().manual_seed(7)
+    rows = []
+    light = torch.randn(4000, 2, generator=gen, dtype=torch.float64)
+    heavy = torch.rand(4000, 2, generator=gen, dtype=torch.float64) ** -0.5
+    for name, x in [("light", light), ("heavy", heavy)]:
+        s = summarize(x, torch.zeros(2, dtype=torch.float64))
+        rows.append({"model": "m", "estimator": name, "param": "p", **s.as_dict()})
+    text = format_table(pd.DataFrame(rows))
+    line = {r.split()[0]: r for r in text.splitlines() if r.startswith(("light", "heavy"))}
+    assert "!" not in line["light"] and line["heavy"].count("!") == 3
+    assert "heavy-tailed draws" in text

@@ -10,18 +10,35 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from stochgrad import estimators, models
+from stochgrad.estimators import rebar as rebar_module
 from stochgrad.estimators.straight_through import straight_through_value
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 seeds = st.integers(0, 2**32 - 1)
 dtypes = st.sampled_from([torch.float32, torch.float64])
 NAMES = estimators.available()
+
+
+# The control-variate estimators' warm-up training is tested in test_rebar_relax.py; here a few
+# steps keep the properties (which call estimate() dozens of times) fast, and still exercised.
+FAST_WARMUP = {"relax": {"warmup_steps": 3}}
+
+
+def make(name: str) -> estimators.Estimator:
+    return estimators.get(name, **FAST_WARMUP.get(name, {}))
+
+
+def short_warmup():
+    """``rebar``'s warm-up (a module constant) cut to 3 steps, within the block."""
+    return mock.patch.object(rebar_module, "WARMUP_STEPS", 3)
 
 
 def single_layer_only(name: str) -> bool:
@@ -169,8 +186,9 @@ def test_shapes_dtypes_and_finiteness(name, seed, kind, size, draws, chunk, dtyp
     assume(not (kind == "sbn" and single_layer_only(name)))
     obj = small_objective(kind, seed, size, dtype)
     before = {k: v.detach().clone() for k, v in obj.params.items()}
-    est = estimators.get(name)
-    g = est.estimate(obj, draws, seed=seed, chunk_size=chunk)
+    est = make(name)
+    with short_warmup():
+        g = est.estimate(obj, draws, seed=seed, chunk_size=chunk)
     assert list(g) == list(obj.params)
     for k, v in obj.params.items():
         assert g[k].shape == (draws, *v.shape)
@@ -189,14 +207,15 @@ def test_shapes_dtypes_and_finiteness(name, seed, kind, size, draws, chunk, dtyp
 def test_same_seed_same_numbers(name, seed, kind, chunk):
     assume(not (kind == "sbn" and single_layer_only(name)))
     obj = small_objective(kind, seed, 4, torch.float64)
-    a = estimators.get(name).estimate(obj, 23, seed=seed, chunk_size=chunk)
-    b = estimators.get(name).estimate(obj, 23, seed=seed, chunk_size=chunk)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    if name != "exact":
-        # enough draws that even rare events (a unit flipped by a small perturbation) differ
-        c = estimators.get(name).estimate(obj, 500, seed=seed)
-        d = estimators.get(name).estimate(obj, 500, seed=seed + 1)
-        assert any(not torch.equal(c[k], d[k]) for k in c)
+    with short_warmup():
+        a = make(name).estimate(obj, 23, seed=seed, chunk_size=chunk)
+        b = make(name).estimate(obj, 23, seed=seed, chunk_size=chunk)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        if name != "exact":
+            # enough draws that even rare events (a unit flipped by a small perturbation) differ
+            c = make(name).estimate(obj, 500, seed=seed)
+            d = make(name).estimate(obj, 500, seed=seed + 1)
+            assert any(not torch.equal(c[k], d[k]) for k in c)
 
 
 @pytest.mark.parametrize("name", NAMES)

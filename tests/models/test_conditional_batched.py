@@ -26,6 +26,13 @@ RTOL, ATOL = 1e-5, 1e-6
 NET = cc.ConditionalConfig(inputs=64, gater_hidden=16, gates=40)
 
 
+@pytest.fixture(autouse=True)
+def _away_from_mnist(tmp_path, monkeypatch):
+    """Run where no ../shared/data/mnist.npz is found: the loaders fall back to the 8x8 digits
+    that NET is sized for, whether or not MNIST lies beside the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _digits(n_train: int = 160, n_valid: int = 60, n_test: int = 50) -> Digits:
     """A small subset of scikit-learn's 8x8 digits."""
     with warnings.catch_warnings():
