@@ -769,34 +769,9 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 def add_arguments(parser: Any) -> None:
     """The options shared by ``stochgrad bench`` and ``scripts/bench_estimators.py``."""
-    parser.add_argument(
-        "--dims",
-        "--dim",
-        type=int,
-        nargs="+",
-        default=[4, 200, 2000],
-        metavar="D",
-        help="toy dimensions (exact runs at min(D, 12); finite differences at draws/100)",
-    )
-    parser.add_argument(
-        "--draws", type=int, nargs="+", default=[1_000, 100_000, 1_000_000], metavar="N"
-    )
-    parser.add_argument("--repeats", type=int, default=3, help="minimum over this many")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument(
-        "--only",
-        nargs="+",
-        default=None,
-        metavar="LABEL",
-        help="keep the estimators whose label starts with one of these",
-    )
-    parser.add_argument(
-        "--memory-budget",
-        type=float,
-        default=1024.0,
-        metavar="MIB",
-        help="skip cells whose float32 output (draws x dim) would exceed this many MiB",
-    )
+    from .cli import bench_arguments
+
+    bench_arguments(parser)
 
 
 def main_from_args(args: Any, out: Callable[[str], None] = print) -> int:

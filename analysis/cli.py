@@ -84,6 +84,37 @@ def _max_evals(p: argparse.ArgumentParser) -> None:
     )
 
 
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``stochgrad bench`` (and ``scripts/bench_estimators.py``); defined here,
+    without torch, so that ``--help`` stays fast."""
+    p.add_argument(
+        "--dims",
+        "--dim",
+        type=int,
+        nargs="+",
+        default=[4, 200, 2000],
+        metavar="D",
+        help="toy dimensions (exact runs at min(D, 12); finite differences at draws/100)",
+    )
+    p.add_argument("--draws", type=int, nargs="+", default=[1_000, 100_000, 1_000_000], metavar="N")
+    p.add_argument("--repeats", type=int, default=3, help="minimum over this many")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="keep the estimators whose label starts with one of these",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=1024.0,
+        metavar="MIB",
+        help="skip cells whose float32 output (draws x dim) would exceed this many MiB",
+    )
+
+
 def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
     """The argument parser; ``reproduce`` is the reproduce module (or an import error)."""
     from .defaults import DEFAULT_MODELS
@@ -263,32 +294,7 @@ def build_parser(reproduce: Any = None) -> argparse.ArgumentParser:
         "gradients), over a grid of dims and draws, measured in one run.",
         formatter_class=_Formatter,
     )
-    p.add_argument(
-        "--dims",
-        "--dim",
-        type=int,
-        nargs="+",
-        default=[4, 200, 2000],
-        metavar="D",
-        help="toy dimensions (exact runs at min(D, 12); finite differences at draws/100)",
-    )
-    p.add_argument("--draws", type=int, nargs="+", default=[1_000, 100_000, 1_000_000], metavar="N")
-    p.add_argument("--repeats", type=int, default=3, help="minimum over this many")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument(
-        "--only",
-        nargs="+",
-        default=None,
-        metavar="LABEL",
-        help="keep the estimators whose label starts with one of these",
-    )
-    p.add_argument(
-        "--memory-budget",
-        type=float,
-        default=1024.0,
-        metavar="MIB",
-        help="skip cells whose float32 output (draws x dim) would exceed this many MiB",
-    )
+    bench_arguments(p)
     return parser
 
 
