@@ -14,7 +14,10 @@ Baselines (``baseline=``):
 - ``moving_average``: an exponential moving average of ``L`` over earlier draws, updated
   *after* it has been used, so a draw never enters its own baseline.
 - ``optimal``: the paper's Eq. 10 (Weaver & Tao 2001), per unit
-  ``b_i = E[(h_i - p_i)^2 L] / E[(h_i - p_i)^2]``; ``mode="online"`` estimates it as the
+  ``b_i = E[(h_i - p_i)^2 L] / E[(h_i - p_i)^2]``; at a categorical unit the same with the
+  squared norm of its score, ``b_i = E[||e_k - p_i||^2 L] / E[||e_k - p_i||^2]`` (the scalar
+  baseline that minimises the unit's summed gradient variance; for two categories it is
+  Eq. 10); ``mode="online"`` estimates it as the
   ratio of two moving averages over earlier draws (as the paper does), ``mode="oracle"`` uses
   the exact expectation (enumeration or the model's closed form) -- for analysis.
 - ``leave_one_out``: ``K >= 2`` samples per draw; sample ``k`` uses the mean cost of the
@@ -34,8 +37,7 @@ With ``num_samples = K`` every draw averages ``K`` single-sample estimates.
 Requires: Bernoulli, Categorical or OneHotCategorical sample sites (``Categorical``:
 ``log q(k) = log softmax(a)_k``, ``k`` sampled by inverse CDF from one uniform per unit, in
 ``estimate()`` and at Pyro sites; ``OneHotCategorical``: the same ``k`` as a one-hot vector,
-``log q(h) = <h, log softmax(a)>``); ``baseline="optimal"`` is per Bernoulli unit (Eq. 10) and
-refuses categorical units with a ``TypeError``.
+``log q(h) = <h, log softmax(a)>``), with every baseline.
 Bias: none for every baseline (the stateful ones are built from earlier draws only).
 Warm-up: every ``estimate`` call starts the stateful baselines (``moving_average``, ``optimal``
 online, ``learned``) from fresh state and updates them over ``warmup_draws`` draws, in chunks of
@@ -85,7 +87,7 @@ from .base import (
     repeat_draws,
     run_model,
 )
-from .distributions import BERNOULLI, Kind
+from .distributions import BERNOULLI, ONE_HOT_CATEGORICAL, Kind
 from .registry import register
 
 BASELINES = ("none", "moving_average", "optimal", "leave_one_out", "learned")
@@ -109,6 +111,21 @@ def value_log_prob(kind: Kind, logits: Tensor, value: Tensor) -> Tensor:
     """
     log_prob = kind.log_prob(logits, value)
     return log_prob.unsqueeze(-1) if log_prob.dim() < value.dim() else log_prob
+
+
+def squared_score(kind: Kind, logits: Tensor, value: Tensor) -> Tensor:
+    """``||d log q(value) / d logits||^2`` per unit, shaped like :func:`value_log_prob`.
+
+    Bernoulli: ``(h - p)^2``. Categorical: ``||e_k - softmax(a)||^2`` over the categories
+    (OneHotCategorical: the same, with the category dim kept as a singleton).
+    """
+    if kind is BERNOULLI:
+        return (value - torch.sigmoid(logits)) ** 2
+    p = torch.softmax(logits, -1)
+    if kind is ONE_HOT_CATEGORICAL:
+        return ((value - p) ** 2).sum(-1, keepdim=True)
+    p_k = p.gather(-1, value.long().unsqueeze(-1)).squeeze(-1)
+    return 1 - 2 * p_k + (p * p).sum(-1)
 
 
 @register
@@ -190,8 +207,14 @@ class ScoreFunction(SurrogateEstimator):
             others=costs.others,
             baseline_input=record.baseline_input,
         )
-        probs = record.probs if record.probs is not None else torch.sigmoid(record.logits.detach())
-        costs.state.append((costs.weight, costs.cost, record.hard, probs, record.baseline_input))
+        if record.kind is BERNOULLI:
+            probs = (
+                record.probs if record.probs is not None else torch.sigmoid(record.logits.detach())
+            )
+            sq = (record.hard - probs) ** 2
+        else:
+            sq = squared_score(record.kind, record.logits.detach(), record.hard)
+        costs.state.append((costs.weight, costs.cost, sq, record.baseline_input))
         return (record.log_q() * record.unit_mask() * (costs.cost - b).detach()).sum()
 
     def site_commit(self, record: Any, samples: list[Any], sample_dim: int | None) -> None:
@@ -213,12 +236,6 @@ class ScoreFunction(SurrogateEstimator):
                 u = uniforms(name, logits.shape, logits.dtype)
                 h = hard_sample(logits.detach(), u)
                 return h, {"log_prob": bernoulli_log_prob(logits, h)}
-            if self.baseline == "optimal":
-                raise TypeError(
-                    f"baseline='optimal' (Eq. 10, per Bernoulli unit) needs Bernoulli units, "
-                    f"but these units are {kind.name}; use baseline='moving_average', "
-                    "'leave_one_out', 'learned' or 'none'"
-                )
             u = uniforms(name, kind.unit_shape(logits), logits.dtype)
             h = kind.sample(logits.detach(), u)
             return h, {"log_prob": value_log_prob(kind, logits, h)}
@@ -284,8 +301,7 @@ class ScoreFunction(SurrogateEstimator):
                 return
             flat = cost.reshape(-1)
             for name, site in sites.items():
-                p = torch.sigmoid(site.logits.detach())
-                sq = (site.value - p) ** 2  # (batch, *units)
+                sq = squared_score(site.kind, site.logits.detach(), site.value)  # (batch, *units)
                 num = (sq * flat.view(-1, *([1] * (sq.dim() - 1)))).mean(0)
                 den = sq.mean(0)
                 s = self._state.get(name)
@@ -414,22 +430,23 @@ class ScoreFunction(SurrogateEstimator):
     def site_update(
         self,
         name: str,
-        samples: list[tuple[float | Tensor, Tensor, Tensor, Tensor, Tensor | None]],
+        samples: list[tuple[float | Tensor, Tensor, Tensor, Tensor | None]],
         event_dim: int,
         sample_dim: int | None = None,
     ) -> None:
         """Fold this step's samples into the site's state -- after they have used it.
 
-        ``samples``: ``(weight, cost, hard, probs, baseline_input)`` per sample, weights summing
-        to 1 (particles and enumerated configurations); ``cost`` as in :meth:`site_baseline`,
-        ``hard`` and ``probs`` the units' values and probabilities. ``sample_dim``: a dim of
+        ``samples``: ``(weight, cost, squared_score, baseline_input)`` per sample, weights
+        summing to 1 (particles and enumerated configurations); ``cost`` as in
+        :meth:`site_baseline`, ``squared_score`` the units' ``||d log q / d logits||^2``
+        (:func:`squared_score`). ``sample_dim``: a dim of
         these tensors that holds vectorised particles, averaged out of the state.
         """
         if not self.stateful:
             return
         if self.baseline == "learned":
-            fit = [(w, c, x) for w, c, _, _, x in samples]
-            self._learned_for(name, samples[0][4], samples[0][1]).fit(fit, event_dim)
+            fit = [(w, c, x) for w, c, _, x in samples]
+            self._learned_for(name, samples[0][3], samples[0][1]).fit(fit, event_dim)
             return
 
         def avg(x: Tensor) -> Tensor:
@@ -439,7 +456,7 @@ class ScoreFunction(SurrogateEstimator):
         with torch.no_grad():
             new: dict[str, Tensor]
             if self.baseline == "moving_average":
-                new = {"mean": _weighted_sum([(w, avg(c)) for w, c, _, _, _ in samples])}
+                new = {"mean": _weighted_sum([(w, avg(c)) for w, c, _, _ in samples])}
             else:
                 # Eq. 10 per unit: average over every batch dim (particles, plates), keep
                 # the units, so the state does not depend on the batch size.
@@ -447,7 +464,7 @@ class ScoreFunction(SurrogateEstimator):
                     dims = tuple(range(x.dim() - event_dim))
                     return x.mean(dims, keepdim=True) if dims else x
 
-                sq = [(w, c, (h - p) ** 2) for w, c, h, p, _ in samples]
+                sq = [(w, c, q) for w, c, q, _ in samples]
                 new = {
                     "num": _weighted_sum([(w, per_unit(q * c)) for w, c, q in sq]),
                     "den": _weighted_sum([(w, per_unit(q)) for w, _, q in sq]),
@@ -608,7 +625,8 @@ class _Learned:
 
 
 def oracle_optimal_baseline(objective: Any) -> dict[str, Tensor]:
-    """Exact per-unit ``E[(h-p)^2 L] / E[(h-p)^2]`` per site (closed form or enumeration)."""
+    """Exact per-unit ``E[s^2 L] / E[s^2]`` per site, ``s^2`` the unit's :func:`squared_score`
+    (closed form or enumeration)."""
     closed = getattr(objective, "optimal_baseline", None)
     if callable(closed):
         return closed()
@@ -618,13 +636,7 @@ def oracle_optimal_baseline(objective: Any) -> dict[str, Tensor]:
         weights, cost, sites = enumerate_model(objective, grad=False)
     out = {}
     for name, site in sites.items():
-        if site.kind.name != "Bernoulli":
-            raise TypeError(
-                f"baseline='optimal' (Eq. 10, per Bernoulli unit) needs Bernoulli units, but "
-                f"site {name!r} is {site.kind.name}; use another baseline"
-            )
-        p = torch.sigmoid(site.logits)
-        sq = (site.value - p) ** 2  # (configs, *units)
+        sq = squared_score(site.kind, site.logits, site.value)  # (configs, *units)
         w = weights.view(-1, *([1] * (sq.dim() - 1)))
         c = cost.view_as(w)
         out[name] = (w * sq * c).sum(0) / (w * sq).sum(0)

@@ -242,6 +242,7 @@ def test_bar_shows_counts_on_a_run(ray_local, capsys):
 
 
 def test_missing_resources_refused_on_a_local_instance():
+    pytest.importorskip("ray")  # the executor needs the extra, though no instance is started
     ex = RayExecutor(gpus_per_cell=1, echo=lambda s: None)
     ex._ray = types.SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0})
     with pytest.raises(ValueError, match="asks for 1 GPU.*has 0"):

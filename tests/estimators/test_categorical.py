@@ -74,9 +74,39 @@ def test_estimator_without_categorical_support_names_site_distribution_and_alter
     assert "probe" not in msg
 
 
-def test_optimal_baseline_refuses_categorical_units_clearly():
-    with pytest.raises(TypeError, match="baseline='optimal'.*Categorical"):
-        registry.get("score_function", baseline="optimal").estimate(toy(), 10, seed=0)
+def test_optimal_oracle_baseline_at_categorical_units_by_enumeration():
+    """``b_i = E[||e_k - p_i||^2 L] / E[||e_k - p_i||^2]``: the units are independent, so per
+    unit ``sum_k p_ik s_ik^2 (c_ik + rest_i) / sum_k p_ik s_ik^2`` with ``rest_i`` the other
+    units' expected cost."""
+    from stochgrad.estimators.score_function import oracle_optimal_baseline
+
+    obj = toy()
+    c = obj.costs  # (units, categories)
+    p = torch.softmax(torch.tensor(THETA, dtype=F64), -1)  # (3, 4)
+    mean = (p * c).sum(-1)  # (3,)
+    sq = 1 - 2 * p + (p * p).sum(-1, keepdim=True)  # ||e_k - p||^2, (3, 4)
+    rest = mean.sum() - mean
+    want = (p * sq * (c + rest.unsqueeze(-1))).sum(-1) / (p * sq).sum(-1)
+    got = oracle_optimal_baseline(obj)["k"]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_optimal_baseline_with_two_categories_is_eq10():
+    """With K = 2, ``||e_k - p||^2 = 2 (h - p_1)^2``: the same baseline as Eq. 10 on the
+    Bernoulli toy with logits a_1 - a_0, so the same numbers for the logit difference."""
+    from stochgrad.estimators.score_function import oracle_optimal_baseline
+
+    theta = [[0.0, 0.4], [0.0, -1.1], [0.0, 2.0]]
+    cat = models.get("toy_categorical", units=3, categories=2, logits=theta, dtype=F64)
+    c = cat.costs
+    b_cat = oracle_optimal_baseline(cat)["k"]
+    # the Bernoulli toy's cost (b - t)^2 is affine in b: c_0 + b (c_1 - c_0) per unit
+    p1 = torch.sigmoid(torch.tensor([0.4, -1.1, 2.0], dtype=F64))
+    sq = (1 - p1) ** 2 * p1 + p1**2 * (1 - p1)  # E[(h - p)^2]
+    e_c = (1 - p1) * c[:, 0] + p1 * c[:, 1]
+    rest = e_c.sum() - e_c
+    num = (1 - p1) * p1**2 * (c[:, 0] + rest) + p1 * (1 - p1) ** 2 * (c[:, 1] + rest)
+    torch.testing.assert_close(b_cat, num / sq, rtol=1e-12, atol=1e-14)
 
 
 def test_nonfinite_categorical_logits_are_refused():
@@ -87,7 +117,7 @@ def test_nonfinite_categorical_logits_are_refused():
         CATEGORICAL.logits("k", fn, fn)
 
 
-SF_BASELINES = ["none", "moving_average", "leave_one_out", "learned"]
+SF_BASELINES = ["none", "moving_average", "leave_one_out", "learned", "optimal"]
 
 
 @pytest.mark.statistical
@@ -150,6 +180,37 @@ def cat_grads(elbo, n, infer, seed=0):
     g = [ps[k].grad.detach().reshape(n, -1) for k in PYRO_NAMES]
     pyro.clear_param_store()
     return torch.cat(g, dim=-1)  # (n, 9): one draw per plate element
+
+
+def cat_grads_after(elbo, n, infer, seed, calls):
+    """The per-draw gradients of the last of ``calls`` ELBO steps (stateful baselines carry
+    their state from the earlier ones; nothing is updated in between)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    for _ in range(calls):
+        for v in pyro.get_param_store().values():
+            v.grad = None
+        elbo.loss_and_grads(cat_model(n), cat_guide(n, infer))
+    ps = pyro.get_param_store()
+    g = [ps[k].grad.detach().reshape(n, -1) for k in PYRO_NAMES]
+    pyro.clear_param_store()
+    return torch.cat(g, dim=-1)
+
+
+STATEFUL = ["moving_average", "optimal", "learned"]
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("baseline", STATEFUL)
+def test_stateful_baselines_at_a_categorical_pyro_site_are_unbiased(baseline, stat):
+    """The third step of each stateful baseline (its state built on the first two) against
+    TraceEnum_ELBO; Bonferroni over the 9 coordinates and the 3 baselines."""
+    exact = trace_enum_grad()
+    est = registry.get("score_function", baseline=baseline)
+    g = cat_grads_after(
+        EstimatorELBO(), 40_000, {"estimator": est}, 20 + STATEFUL.index(baseline), 3
+    )
+    stat.assert_unbiased(g, exact, stat.FALSE_ALARM / len(STATEFUL))
 
 
 def trace_enum_grad() -> torch.Tensor:

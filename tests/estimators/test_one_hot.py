@@ -135,6 +135,7 @@ SF_CASES = {
     "moving_average": ({"baseline": "moving_average"}, 1, 3),
     "leave_one_out": ({"baseline": "leave_one_out"}, 2, 1),
     "learned": ({"baseline": "learned"}, 1, 3),
+    "optimal": ({"baseline": "optimal"}, 1, 3),
 }
 
 
@@ -142,16 +143,16 @@ SF_CASES = {
 @pytest.mark.parametrize("baseline", list(SF_CASES))
 def test_score_function_at_one_hot_sites_is_unbiased(baseline, stat):
     """Through ``surrogate_loss``, against enumeration: Bonferroni over the 6 coordinates and
-    the 4 baselines (family-wise 1e-4)."""
+    the 5 baselines (family-wise 1e-4)."""
     options, particles, calls = SF_CASES[baseline]
     est = get("score_function", **options)
     g = draws(est, 200_000, 40 + list(SF_CASES).index(baseline), calls, particles)
     exact = closed_form().reshape(-1)
-    stat.assert_unbiased(g, exact, stat.FALSE_ALARM / 4)
+    stat.assert_unbiased(g, exact, stat.FALSE_ALARM / len(SF_CASES))
     if baseline == "none":  # power: a target 10% off in the largest coordinate is rejected
         off = exact.clone()
         off[exact.abs().argmax()] *= 1.1
-        assert stat.z_test(g, off, stat.FALSE_ALARM / 4).rejects
+        assert stat.z_test(g, off, stat.FALSE_ALARM / len(SF_CASES)).rejects
 
 
 def test_score_function_single_draw_is_the_hand_computed_surrogate():
@@ -165,11 +166,24 @@ def test_score_function_single_draw_is_the_hand_computed_surrogate():
     torch.testing.assert_close(theta.grad, expected, rtol=1e-12, atol=1e-14)
 
 
-def test_optimal_baseline_refuses_one_hot_sites():
-    theta = THETA.clone().requires_grad_(True)
+def test_optimal_baseline_at_one_hot_sites_is_the_hand_computed_surrogate():
+    """Step 1 has no state (b = 0); step 2 uses b = s1^2 L1 / s1^2 per unit, with
+    s^2 = ||h - softmax(theta)||^2 summed over the categories."""
     est = get("score_function", baseline="optimal")
-    with pytest.raises(TypeError, match="baseline='optimal'.*Bernoulli units.*OneHotCategorical"):
-        surrogate_loss(one_hot_program(theta, est))
+    p = torch.softmax(THETA, -1)
+    pyro.set_rng_seed(5)
+    seen = []
+    for _ in range(2):
+        theta = THETA.clone().requires_grad_(True)
+        result = Surrogate().run(one_hot_program(theta, est))
+        result.loss.backward()
+        h = result.trace.nodes["h"]["value"].detach()
+        seen.append((h, cost_of(h), theta.grad))
+    (h1, c1, g1), (h2, c2, g2) = seen
+    torch.testing.assert_close(g1, (h1 - p) * c1, rtol=1e-12, atol=1e-14)
+    sq1 = ((h1 - p) ** 2).sum(-1, keepdim=True)  # (2, 1): one value per unit
+    b = sq1 * c1 / sq1
+    torch.testing.assert_close(g2, (h2 - p) * (c2 - b), rtol=1e-12, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------
