@@ -103,6 +103,22 @@ def _too_many(what: str, radices: Sequence[int], max_sites: int) -> str | None:
     )
 
 
+def table_rule(table: dict[str, Tensor]) -> Any:
+    """The site rule that sets each site to its enumerated values (``table[name]``, category
+    indices for categorical units) and records their log-density."""
+
+    def rule(name: str, logits: Tensor, kind: Kind = BERNOULLI) -> tuple[Tensor, dict[str, Tensor]]:
+        if name not in table:
+            raise ValueError(f"site {name!r} did not appear when the model was probed")
+        value = table[name]
+        if kind is BERNOULLI:
+            return value, {"log_prob": bernoulli_log_prob(logits, value)}
+        value = category_value(kind, logits, value)
+        return value, {"log_prob": value_log_prob(kind, logits, value)}
+
+    return rule
+
+
 def enumerate_model(
     objective: Any, max_sites: int = DEFAULT_MAX_SITES, grad: bool = True
 ) -> tuple[Tensor, Tensor, dict[str, Site]]:
@@ -134,14 +150,7 @@ def enumerate_model(
         for k, v in objective.params.items()
     }
 
-    def rule(name: str, logits: Tensor, kind: Kind = BERNOULLI) -> tuple[Tensor, dict[str, Tensor]]:
-        if name not in table:
-            raise ValueError(f"site {name!r} did not appear when the model was probed")
-        value = table[name]
-        if kind is BERNOULLI:
-            return value, {"log_prob": bernoulli_log_prob(logits, value)}
-        value = category_value(kind, logits, value)
-        return value, {"log_prob": value_log_prob(kind, logits, value)}
+    rule = table_rule(table)
 
     cost, sites = run_model(objective, params, rule, "exact", KINDS_EXACT)
     if list(sites) != list(units):
@@ -219,14 +228,7 @@ def _enumerate_chunk(
         table[name] = block
         start += k
 
-    def rule(name: str, logits: Tensor, kind: Kind = BERNOULLI) -> tuple[Tensor, dict[str, Tensor]]:
-        if name not in table:
-            raise ValueError(f"site {name!r} did not appear when the model was probed")
-        value = table[name]
-        if kind is BERNOULLI:
-            return value, {"log_prob": bernoulli_log_prob(logits, value)}
-        value = category_value(kind, logits, value)
-        return value, {"log_prob": value_log_prob(kind, logits, value)}
+    rule = table_rule(table)
 
     with SiteMessenger(rule, "exact", KINDS_EXACT) as handler:
         if examples is None:
