@@ -43,15 +43,17 @@ def clean_store():
     torch.set_default_dtype(dtype)
 
 
-def model(x):
-    a = pyro.param("a", torch.tensor(0.3))
-    b0 = pyro.param("b0", torch.tensor(-0.5))
-    b1 = pyro.param("b1", torch.tensor(1.2))
-    loc = pyro.param("loc", torch.tensor(1.1))
-    with pyro.plate("data", x.shape[-1]):
-        z1 = pyro.sample("z1", dist.Bernoulli(logits=a))
-        z2 = pyro.sample("z2", dist.Bernoulli(logits=b0 + b1 * z1))
-        pyro.sample("x", dist.Normal(loc * (z1 + z2), 1.0), obs=x)
+def _example_model():
+    """The model of ``examples/chain.py`` (the tests pair it with their own guide)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chain_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.model
+
+
+model = _example_model()
 
 
 def guide(x):
